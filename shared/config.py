@@ -1,0 +1,481 @@
+"""Site and consortium configuration: YAML in, typed frozen dataclasses out.
+
+A hospital writes one *site* YAML (where its data lives, which judge it runs); the operator
+writes one *consortium* YAML (which sites, which phases, the method and its settings). Both are
+loaded strictly: an unknown key, a wrong type or a value outside its allowed set is an error
+that names the file and the key path, e.g.
+
+    sites/a.yaml: judge.kind: 'agrement' is not one of agreement, uncertainty, learned, oracle
+
+Relative paths resolve against the folder of the YAML that holds them, and `${VAR}` in a path
+is taken from the environment (the polyp sites read their data root that way). `to_yaml`
+writes a loaded config back out, fully resolved, for the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+JUDGE_KINDS = ("agreement", "uncertainty", "learned", "oracle")
+DEVICES = ("auto", "cpu", "cuda")
+METHODS = ("rn_dpo", "dpo", "pseudo_label", "entropy", "none")
+MINING_STRATEGIES = ("top_bottom", "top_random", "gap", "skip_top")
+AGGREGATIONS = ("reliability", "fedavg")
+MODELS = ("unet", "basic_unet")
+TTA_TRANSFORMS = ("identity", "hflip", "vflip", "hvflip", "rot90", "rot270")
+SPLITS = ("labeled", "calibration", "unlabeled", "test")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, already phrased as `file: key.path: what is wrong`."""
+
+
+def _choice(*allowed: str) -> dict:
+    return {"choices": allowed}
+
+
+def _check(predicate, message: str) -> dict:
+    return {"check": (predicate, message)}
+
+
+_positive = _check(lambda v: v > 0, "must be > 0")
+_non_negative = _check(lambda v: v >= 0, "must be >= 0")
+_probability = _check(lambda v: 0.0 <= v <= 1.0, "must be between 0 and 1")
+
+
+# ----------------------------------------------------------------------------- site
+
+
+@dataclass(frozen=True)
+class Folder:
+    """One split's folders. Images and masks are paired by file stem."""
+
+    images: Path
+    masks: Path | None = None
+
+
+@dataclass(frozen=True)
+class SplitFractions:
+    """Shares of one labelled folder given to each split; they must sum to 1."""
+
+    labeled: float = field(default=0.2, metadata=_probability)
+    calibration: float = field(default=0.1, metadata=_probability)
+    unlabeled: float = field(default=0.5, metadata=_probability)
+    test: float = field(default=0.2, metadata=_probability)
+
+
+@dataclass(frozen=True)
+class Groups:
+    """Keeps a patient / video sequence on one side of a split.
+
+    Either `csv` (a file mapping an image file name, column `key_column`, to a group, column
+    `column`) or `pattern` (a regular expression whose first group, matched against the file
+    stem, is the group key).
+    """
+
+    csv: Path | None = None
+    key_column: str = "image"
+    column: str = "sequence"
+    pattern: str | None = None
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Either four split folders, or one labelled `source` folder cut by `split` fractions.
+
+    Masks of the unlabelled split are optional; when present (simulation, experiments) they
+    are read only by the oracle judge and by evaluation, never by training.
+    """
+
+    labeled: Folder | None = None
+    calibration: Folder | None = None
+    unlabeled: Folder | None = None
+    test: Folder | None = None
+    source: Folder | None = None
+    split: SplitFractions | None = None
+    seed: int = 0
+    groups: Groups | None = None
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    """Which automatic quality judge scores the mask proposals at this site."""
+
+    kind: str = field(default="agreement", metadata=_choice(*JUDGE_KINDS))
+    # oracle judge only: true Dice plus Gaussian noise, random order flips, or full inversion
+    noise_std: float = field(default=0.0, metadata=_non_negative)
+    flip_prob: float = field(default=0.0, metadata=_probability)
+    invert: bool = False
+    seed: int = 0
+    # learned judge only: optimizer steps when it is (re)trained on the labelled split
+    train_steps: int = field(default=300, metadata=_positive)
+    folds: int = field(default=3, metadata=_check(lambda v: v >= 2, "must be >= 2"))
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    name: str
+    data: DataConfig
+    work_dir: Path
+    image_size: int = field(default=128, metadata=_check(lambda v: v >= 16, "must be >= 16"))
+    channels: int = field(default=1, metadata=_check(lambda v: v in (1, 3), "must be 1 or 3"))
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    device: str = field(default="auto", metadata=_choice(*DEVICES))
+    source_file: Path | None = field(default=None, metadata={"internal": True})
+
+
+# ----------------------------------------------------------------------------- consortium
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = field(default="unet", metadata=_choice(*MODELS))
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    strides: tuple[int, ...] = (2, 2, 2)
+    num_res_units: int = field(default=2, metadata=_non_negative)
+    dropout: float = field(default=0.1, metadata=_probability)
+
+
+@dataclass(frozen=True)
+class ProposalConfig:
+    """K candidate masks per image: TTA passes, MC-dropout samples and thresholds of the mean."""
+
+    tta: tuple[str, ...] = ("identity", "hflip", "vflip", "hvflip")
+    mc_samples: int = field(default=4, metadata=_non_negative)
+    thresholds: tuple[float, ...] = (0.3, 0.5, 0.7)
+    batch_size: int = field(default=32, metadata=_positive)
+
+
+@dataclass(frozen=True)
+class MiningConfig:
+    strategy: str = field(default="top_bottom", metadata=_choice(*MINING_STRATEGIES))
+    min_gap: float = field(default=0.0, metadata=_non_negative)
+    min_disagreement: float = field(default=0.001, metadata=_probability)
+    max_pairs_per_image: int = field(default=1, metadata=_positive)
+
+
+@dataclass(frozen=True)
+class SupervisedConfig:
+    rounds: int = field(default=3, metadata=_non_negative)
+    steps: int = field(default=50, metadata=_positive)
+    lr: float = field(default=1e-3, metadata=_positive)
+    batch_size: int = field(default=8, metadata=_positive)
+
+
+@dataclass(frozen=True)
+class PreferenceConfig:
+    rounds: int = field(default=3, metadata=_non_negative)
+    method: str = field(default="rn_dpo", metadata=_choice(*METHODS))
+    beta: float = field(default=2.0, metadata=_positive)
+    steps: int = field(default=20, metadata=_positive)
+    lr: float = field(default=1e-4, metadata=_positive)
+    batch_pairs: int = field(default=8, metadata=_positive)
+    lambda_sup: float = field(default=1.0, metadata=_non_negative)
+    max_unlabeled: int | None = None
+    mining: MiningConfig = field(default_factory=MiningConfig)
+    proposals: ProposalConfig = field(default_factory=ProposalConfig)
+
+
+@dataclass(frozen=True)
+class AggregationConfig:
+    """How the server combines site updates and tracks judge reliability."""
+
+    kind: str = field(default="reliability", metadata=_choice(*AGGREGATIONS))
+    ema: float = field(default=0.5, metadata=_probability)
+    probation_below: float = field(default=0.65, metadata=_probability)
+    exclude_below: float = field(default=0.55, metadata=_probability)
+    norm_outlier_factor: float = field(default=5.0, metadata=_positive)
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    min_sites: int = field(default=1, metadata=_positive)
+    round_timeout: float = field(default=900.0, metadata=_positive)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Deployment only: where the SuperLink listens and what its certificate names."""
+
+    hosts: tuple[str, ...] = ("127.0.0.1", "localhost")
+    address: str = "0.0.0.0"
+    port: int = field(default=9092, metadata=_positive)
+
+
+@dataclass(frozen=True)
+class ConsortiumConfig:
+    name: str
+    sites: tuple[Path, ...]
+    run_dir: Path
+    seed: int = 0
+    base_checkpoint: Path | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    supervised: SupervisedConfig = field(default_factory=SupervisedConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    source_file: Path | None = field(default=None, metadata={"internal": True})
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_site(path: str | os.PathLike) -> SiteConfig:
+    path = Path(path)
+    raw = _read_yaml(path)
+    cfg = _build(SiteConfig, raw, "", _Context(path))
+    _check_site(cfg, path)
+    return dataclasses.replace(cfg, source_file=path.resolve())
+
+
+def load_consortium(path: str | os.PathLike) -> ConsortiumConfig:
+    path = Path(path)
+    raw = _read_yaml(path)
+    cfg = _build(ConsortiumConfig, raw, "", _Context(path))
+    _check_consortium(cfg, path)
+    return dataclasses.replace(cfg, source_file=path.resolve())
+
+
+def load_consortium_sites(cfg: ConsortiumConfig) -> list[SiteConfig]:
+    """Load every site YAML the consortium lists (simulation), checking names are unique."""
+    sites = [load_site(p) for p in cfg.sites]
+    seen: dict[str, Path] = {}
+    for index, site in enumerate(sites):
+        if site.name in seen:
+            raise ConfigError(
+                f"{cfg.source_file}: sites[{index}]: site name '{site.name}' is used by both "
+                f"{seen[site.name]} and {site.source_file}"
+            )
+        seen[site.name] = site.source_file
+    return sites
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain, YAML-ready dict of a loaded config (paths as absolute strings)."""
+
+    def convert(value):
+        if dataclasses.is_dataclass(value):
+            return {
+                f.name: convert(getattr(value, f.name))
+                for f in dataclasses.fields(value)
+                if not f.metadata.get("internal")
+            }
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, (tuple, list)):
+            return [convert(v) for v in value]
+        return value
+
+    return convert(cfg)
+
+
+def to_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def from_dict(cls: type, raw: dict, origin: str = "<dict>", base_dir: Path | None = None):
+    """Build a config dataclass from a plain dict (e.g. one sent by the server), strictly."""
+    return _build(cls, raw, "", _Context(Path(origin), base_dir or Path.cwd()))
+
+
+# ----------------------------------------------------------------------------- internals
+
+
+@dataclass
+class _Context:
+    file: Path
+    base_dir: Path | None = None
+
+    def __post_init__(self):
+        if self.base_dir is None:
+            self.base_dir = self.file.resolve().parent
+
+    def error(self, key: str, message: str) -> ConfigError:
+        where = f"{key}: " if key else ""
+        return ConfigError(f"{self.file}: {where}{message}")
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: {where}not valid YAML: {problem}") from None
+    if raw is None:
+        raise ConfigError(f"{path}: the file is empty")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")
+    return raw
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _build(cls: type, raw: Any, key: str, ctx: _Context):
+    if not isinstance(raw, dict):
+        raise ctx.error(key, f"expected a mapping, got {_describe(raw)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    unknown = [k for k in raw if k not in fields]
+    if unknown:
+        raise ctx.error(
+            _join(key, str(unknown[0])), f"unknown key; valid keys here are {', '.join(fields)}"
+        )
+    values = {}
+    for name, f in fields.items():
+        sub = _join(key, name)
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ctx.error(sub, "is required")
+            continue
+        value = _convert(hints[name], raw[name], sub, ctx)
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            raise ctx.error(sub, f"{value!r} is not one of {', '.join(choices)}")
+        check = f.metadata.get("check")
+        if check and value is not None and not check[0](value):
+            raise ctx.error(sub, f"{value!r} {check[1]}")
+        values[name] = value
+    return cls(**values)
+
+
+def _convert(hint, value, key: str, ctx: _Context):
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, key, ctx)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key, ctx)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ctx.error(key, f"expected a list, got {_describe(value)}")
+        return tuple(_convert(args[0], v, f"{key}[{i}]", ctx) for i, v in enumerate(value))
+    if hint is Path:
+        if not isinstance(value, str) or not value:
+            raise ctx.error(key, f"expected a path, got {_describe(value)}")
+        return _resolve_path(value, key, ctx)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ctx.error(key, f"expected true or false, got {_describe(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ctx.error(key, f"expected an integer, got {_describe(value)}")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ctx.error(key, f"expected a number, got {_describe(value)}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ctx.error(key, f"expected a string, got {_describe(value)}")
+        return value
+    raise TypeError(f"config field {key} has an unsupported type {hint}")
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _resolve_path(text: str, key: str, ctx: _Context) -> Path:
+    def substitute(match):
+        name, default = match.group(1), match.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is not None:
+            return default
+        raise ctx.error(key, f"environment variable {name} is not set (needed by {text!r})")
+
+    path = Path(_ENV.sub(substitute, text)).expanduser()
+    return path if path.is_absolute() else (ctx.base_dir / path).resolve()
+
+
+def _describe(value) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, (dict, list)):
+        return f"a {type(value).__name__}"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _check_site(cfg: SiteConfig, path: Path) -> None:
+    ctx = _Context(path)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", cfg.name):
+        raise ctx.error("name", f"{cfg.name!r} must be letters, digits, '_', '-' or '.'")
+    data = cfg.data
+    explicit = {s: getattr(data, s) for s in SPLITS}
+    given = [s for s, folder in explicit.items() if folder is not None]
+    if data.source is not None:
+        if given:
+            raise ctx.error(f"data.{given[0]}", "give either data.source with data.split, or the four split folders, not both")
+        if data.source.masks is None:
+            raise ctx.error("data.source.masks", "is required: the source folder is split into labelled splits")
+        if data.split is None:
+            raise ctx.error("data.split", "is required with data.source (fractions for labeled, calibration, unlabeled, test)")
+        total = sum(getattr(data.split, s) for s in SPLITS)
+        if abs(total - 1.0) > 1e-6:
+            raise ctx.error("data.split", f"fractions sum to {total:g}, they must sum to 1")
+    else:
+        if data.split is not None:
+            raise ctx.error("data.split", "only applies with data.source")
+        missing = [s for s in SPLITS if explicit[s] is None]
+        if missing:
+            raise ctx.error(f"data.{missing[0]}", "is required (or give data.source and data.split)")
+        for split in ("labeled", "calibration", "test"):
+            if explicit[split].masks is None:
+                raise ctx.error(f"data.{split}.masks", f"is required: the {split} split needs ground truth")
+    groups = data.groups
+    if groups is not None and (groups.csv is None) == (groups.pattern is None):
+        raise ctx.error("data.groups", "give exactly one of csv or pattern")
+    if groups is not None and groups.pattern is not None:
+        try:
+            re.compile(groups.pattern)
+        except re.error as exc:
+            raise ctx.error("data.groups.pattern", f"not a valid regular expression: {exc}") from None
+
+
+def _check_consortium(cfg: ConsortiumConfig, path: Path) -> None:
+    ctx = _Context(path)
+    if not cfg.sites:
+        raise ctx.error("sites", "list at least one site YAML")
+    if len(cfg.model.strides) != len(cfg.model.channels) - 1:
+        raise ctx.error(
+            "model.strides",
+            f"needs one stride fewer than model.channels ({len(cfg.model.channels)} channels, {len(cfg.model.strides)} strides)",
+        )
+    bad = [t for t in cfg.preference.proposals.tta if t not in TTA_TRANSFORMS]
+    if bad:
+        raise ctx.error("preference.proposals.tta", f"{bad[0]!r} is not one of {', '.join(TTA_TRANSFORMS)}")
+    for i, t in enumerate(cfg.preference.proposals.thresholds):
+        if not 0.0 < t < 1.0:
+            raise ctx.error(f"preference.proposals.thresholds[{i}]", f"{t!r} must be between 0 and 1")
+    agg = cfg.aggregation
+    if agg.exclude_below > agg.probation_below:
+        raise ctx.error("aggregation.exclude_below", f"{agg.exclude_below} must not exceed probation_below ({agg.probation_below})")
+    if cfg.base_checkpoint is None and cfg.supervised.rounds == 0 and cfg.preference.rounds > 0:
+        raise ctx.error("supervised.rounds", "is 0 and no base_checkpoint is given: preference rounds need a trained base model")
