@@ -1,0 +1,135 @@
+"""Tests for shared/reliability.py: Dice, pair accuracy / gain, Spearman, the report."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from shared.config import MiningConfig
+from shared.judges import OracleJudge
+from shared.mining import mine_pairs
+from shared.proposals import ProposalSet
+from shared.reliability import (
+    dice_scores,
+    pair_accuracy,
+    pair_gain,
+    pairwise_overlaps,
+    reliability_report,
+    spearman,
+)
+
+
+def test_dice_by_hand():
+    truth = torch.zeros(2, 1, 2, 2, dtype=torch.uint8)
+    truth[0, 0, 0] = 1  # 2 pixels; image 1 has an empty truth
+    masks = torch.zeros(2, 3, 2, 2, dtype=torch.uint8)
+    masks[:, 0, 0] = 1  # the top row
+    masks[:, 1] = 1  # everything
+    # image 0: 2*2/(2+2) = 1, 2*2/(4+2) = 2/3, empty vs 2 px = 0
+    # image 1: top row vs empty = 0, all vs empty = 0, empty vs empty = 1
+    expected = torch.tensor([[1.0, 2 / 3, 0.0], [0.0, 0.0, 1.0]])
+    torch.testing.assert_close(dice_scores(masks, truth), expected)
+    torch.testing.assert_close(dice_scores(masks.bool(), truth[:, 0] * 255), expected)  # (N, H, W), any nonzero
+    with pytest.raises(ValueError, match=r"truth has shape \(2, 1, 3, 3\) but masks \(2, 3, 2, 2\)"):
+        dice_scores(masks, torch.zeros(2, 1, 3, 3))
+
+
+def test_pairwise_overlaps_by_hand():
+    masks = torch.zeros(1, 3, 2, 2, dtype=torch.uint8)
+    masks[0, 0] = 1
+    masks[0, 1, 0] = 1
+    inter, size = pairwise_overlaps(masks)
+    assert size.tolist() == [[4, 2, 0]]
+    assert inter[0].tolist() == [[4, 2, 0], [2, 2, 0], [0, 0, 0]]
+
+
+def _graded(n=60, k=6, size=16, seed=0):
+    """Proposal j misses 4*j of the truth's 64 pixels: Dice strictly falls with j (proposal order
+    shuffled per image). Returns (ProposalSet, truth)."""
+    g = torch.Generator().manual_seed(seed)
+    truth = torch.zeros(n, 1, size, size, dtype=torch.uint8)
+    truth[:, :, 4:12, 4:12] = 1
+    inside = truth[0, 0].flatten().nonzero().flatten()
+    masks = truth.repeat(1, k, 1, 1).clone()
+    for i in range(n):
+        perm = torch.randperm(k, generator=g)
+        for j in range(k):
+            masks[i, perm[j]].view(-1)[inside[torch.randperm(inside.numel(), generator=g)[: 4 * j]]] = 0
+    ps = ProposalSet(masks=masks, mean_prob=masks.float().mean(1), ref_logits=torch.zeros(n, 1, size, size),
+                     labels=tuple(f"p:{j}" for j in range(k)))
+    return ps, truth
+
+
+def _report(judge, strategy="top_bottom"):
+    ps, truth = _graded()
+    scores = judge.score(torch.zeros(len(ps), 1, 16, 16), ps, truth)
+    pairs = mine_pairs(scores, ps.masks, MiningConfig(strategy=strategy, max_pairs_per_image=3))
+    return reliability_report(scores, dice_scores(ps.masks, truth), pairs)
+
+
+@pytest.mark.parametrize("strategy", ["top_bottom", "gap", "skip_top", "top_random"])
+def test_perfect_judge(strategy):
+    report = _report(OracleJudge(), strategy)
+    assert report["pair_accuracy"] == 1.0 and report["pair_gain"] > 0
+    assert report["spearman"] == pytest.approx(1.0)
+    assert report["n_images"] == 60 and report["n_pairs"] > 0 and report["n_ranked_images"] == 60
+
+
+def test_adversarial_judge():
+    report = _report(OracleJudge(invert=True))
+    assert report["pair_accuracy"] == 0.0 and report["pair_gain"] < 0
+    assert report["spearman"] == pytest.approx(-1.0)
+
+
+def test_noisy_judge_lies_in_between():
+    # Dice steps are about 0.03 apart, so noise of std 0.1 swaps many but not all orders
+    report = _report(OracleJudge(noise_std=0.1, seed=0))
+    assert 0.55 < report["pair_accuracy"] < 0.98
+    assert 0.0 < report["spearman"] < 0.95
+    flipped = _report(OracleJudge(flip_prob=0.5, seed=0))
+    assert 0.2 < flipped["pair_accuracy"] < 0.8
+
+
+def test_pair_accuracy_and_gain_by_hand():
+    true_dice = torch.tensor([[0.9, 0.5, 0.5], [0.2, 0.8, 0.2]])
+    pairs = torch.tensor([[0, 0, 1], [0, 1, 2], [1, 0, 1], [1, 1, 0]])
+    # right, tie (1/2), wrong, right -> 2.5 / 4; gains 0.4, 0, -0.6, 0.6 -> 0.1
+    assert pair_accuracy(true_dice, pairs) == pytest.approx(0.625)
+    assert pair_gain(true_dice, pairs) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match=r"true_dice has shape \(2, 3\)"):
+        pair_accuracy(true_dice, torch.tensor([[2, 0, 1]]))
+
+
+def test_spearman_monotone_ties_and_constant_rows():
+    true_dice = torch.tensor([[0.1, 0.4, 0.2, 0.9], [0.3, 0.1, 0.2, 0.5]])
+    assert spearman(2 * true_dice + 1, true_dice) == pytest.approx(1.0)
+    assert spearman(-true_dice, true_dice) == pytest.approx(-1.0)
+    # ties get average ranks: x = [1, 2, 2, 3] vs y = [1, 2, 3, 4] -> 4.5 / sqrt(4.5 * 5)
+    x, y = torch.tensor([[1.0, 2.0, 2.0, 3.0]]), torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    assert spearman(x, y) == pytest.approx(4.5 / math.sqrt(22.5))
+    assert spearman(x, y) == pytest.approx(spearmanr(x[0], y[0]).statistic)
+    # a row with constant scores (or constant truth) is skipped, not averaged in as 0 or NaN
+    scores = torch.stack([torch.ones(4), true_dice[1]])
+    assert spearman(scores, true_dice) == pytest.approx(1.0)
+    assert spearman(torch.ones(2, 4), true_dice) == 0.0
+
+
+def test_random_rows_match_scipy():
+    g = torch.Generator().manual_seed(0)
+    scores, truth = torch.rand(8, 7, generator=g), torch.rand(8, 7, generator=g)
+    truth[:, 3] = truth[:, 2]  # some ties
+    expected = sum(spearmanr(scores[i], truth[i]).statistic for i in range(8)) / 8
+    assert spearman(scores, truth) == pytest.approx(expected)
+
+
+def test_zero_pairs_and_zero_images_are_nan_free():
+    true_dice = torch.tensor([[0.5, 0.4]])
+    report = reliability_report(torch.tensor([[1.0, 0.0]]), true_dice, torch.zeros(0, 3, dtype=torch.long))
+    assert report == {"pair_accuracy": 0.5, "spearman": 1.0, "pair_gain": 0.0, "n_pairs": 0, "n_images": 1,
+                      "n_ranked_images": 1}
+    empty = reliability_report(torch.zeros(0, 1), torch.zeros(0, 1), torch.zeros(0, 3, dtype=torch.long))
+    assert all(math.isfinite(v) for v in empty.values())
+    assert empty["pair_accuracy"] == 0.5 and empty["n_pairs"] == 0 and empty["n_images"] == 0
