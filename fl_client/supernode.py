@@ -1,0 +1,396 @@
+"""Run a hospital's Flower 1.42 SuperNode and explain, in one line, why it cannot connect.
+
+``flower-supernode --superlink HOST:PORT --root-certificates ca.crt
+--auth-supernode-private-key <site>_auth --node-config <file.toml> --port <P>``:
+the SuperNode talks HTTPS to the SuperLink's single port, and serves the ClientApp
+Runtime API (formerly ClientAppIo) on 127.0.0.1:P (default 9094), so every SuperNode on
+one host needs its own P. For each message it launches a fresh ``flwr-clientapp``
+process through its own ``flower-superexec``; the app (FAB) is unpacked into
+``$FLWR_HOME/apps/<publisher>.<name>.<version>.<hash>/`` and imported with this
+environment (runtime dependency installation is off).
+
+How failures show up (and how ``diagnose_supernode`` words them):
+
+* SuperLink down: retries with backoff forever, or until ``--max-wait-time``, then exit 1
+  with "Exit Code: 305 ... Connection refused";
+* wrong CA / expired / wrong host: exit 1, "CERTIFICATE_VERIFY_FAILED";
+* key never registered, or revoked before start: exit 1, "[code: 2004] Failed to
+  activate SuperNode";
+* key revoked while connected: the next request gets HTTP 401, the SuperNode SIGINTs
+  itself and exits 0 ("SuperNode terminated gracefully.").
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import ssl
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from fl_server.provision import server_certificate_problems
+from fl_server.superlink import (
+    ManagedProcess,
+    flower_bin,
+    flower_env,
+    free_port,
+    log_length,
+    spawn,
+)
+
+_NODE_ID = re.compile(r"SuperNode ID: (\d+)")
+
+
+class SuperNodeError(RuntimeError):
+    """The SuperNode could not connect, or was refused; the message is one line."""
+
+
+class SuperLinkConnectionError(RuntimeError):
+    """``wait_for_superlink`` failed. ``kind`` is one of: unreachable, tls_ca_mismatch,
+    tls_expired, tls_host_mismatch, tls_other."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+# ---------------------------------------------------------------------------- preflight
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` -> (host, port)."""
+    match = re.fullmatch(r"\[(?P<h6>[^\]]+)\]:(?P<p6>\d+)|(?P<h>[^:\[\]]+):(?P<p>\d+)",
+                         address.strip())
+    if not match:
+        raise ValueError(f"SuperLink address {address!r} is not host:port")
+    host = match.group("h6") or match.group("h")
+    return host, int(match.group("p6") or match.group("p"))
+
+
+def _fetch_server_cert(host: str, port: int, timeout: float) -> x509.Certificate | None:
+    """The certificate the server presents, fetched without verifying it."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            with ctx.wrap_socket(sock, server_hostname=host) as tls:
+                der = tls.getpeercert(binary_form=True)
+    except (OSError, ssl.SSLError):
+        return None
+    return x509.load_der_x509_certificate(der) if der else None
+
+
+def check_superlink(
+    address: str, ca_cert: Path | str, timeout: float = 5.0
+) -> tuple[str, str] | None:
+    """One TLS handshake with the SuperLink, verified against ``ca_cert``.
+
+    Returns None when it succeeds, else ``(kind, one-line message)``; kinds as in
+    ``SuperLinkConnectionError``. Does not authenticate the site key (that happens when
+    the SuperNode activates)."""
+    host, port = split_address(address)
+    ca_path = Path(ca_cert)
+    try:
+        ctx = ssl.create_default_context(cafile=str(ca_path))
+    except FileNotFoundError:
+        return "tls_other", f"CA certificate file {ca_path} does not exist"
+    except ssl.SSLError as err:
+        return "tls_other", f"CA certificate file {ca_path} is not a PEM certificate ({err})"
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            with ctx.wrap_socket(sock, server_hostname=host):
+                return None
+    except ssl.SSLCertVerificationError as err:
+        return _describe_verify_error(err, host, port, ca_path, timeout)
+    except ssl.SSLError as err:
+        return "tls_other", (
+            f"TLS handshake with SuperLink {address} failed ({err.reason or err}); is a "
+            "TLS-enabled flower-superlink listening on that port?"
+        )
+    except socket.gaierror as err:
+        return "unreachable", f"SuperLink {address} unreachable: cannot resolve {host} ({err})"
+    except ConnectionRefusedError:
+        return "unreachable", (
+            f"SuperLink {address} unreachable: connection refused (is flower-superlink "
+            "running, and is the port right?)"
+        )
+    except TimeoutError:
+        return "unreachable", (
+            f"SuperLink {address} unreachable: no answer within {timeout:.0f}s "
+            "(firewall or wrong host?)"
+        )
+    except OSError as err:
+        return "unreachable", f"SuperLink {address} unreachable: {err.strerror or err}"
+
+
+def _describe_verify_error(
+    err: ssl.SSLCertVerificationError, host: str, port: int, ca_path: Path, timeout: float
+) -> tuple[str, str]:
+    reason = err.verify_message or str(err)
+    code = err.verify_code
+    if code in (62, 64) or "mismatch" in reason.lower():
+        kind = "tls_host_mismatch"
+    elif code == 10 or "expired" in reason.lower():
+        kind = "tls_expired"
+    elif code in (2, 18, 19, 20, 21):
+        kind = "tls_ca_mismatch"
+    else:
+        kind = "tls_other"
+    detail = ""
+    server = _fetch_server_cert(host, port, timeout)
+    if server is not None:
+        try:
+            ca = x509.load_pem_x509_certificate(ca_path.read_bytes())
+        except ValueError:
+            ca = None
+        if ca is not None:
+            problems = server_certificate_problems(
+                ca, server, host, ca_label=str(ca_path),
+                server_label=f"the SuperLink's certificate at {host}:{port}",
+            )
+            if problems:
+                detail = "; ".join(problems)
+    if not detail:
+        detail = {
+            "tls_ca_mismatch": f"the SuperLink's certificate is not signed by the CA in "
+                               f"{ca_path}",
+            "tls_expired": "the SuperLink's certificate has expired",
+            "tls_host_mismatch": f"host {host} is not in the SuperLink's certificate SANs",
+        }.get(kind, reason)
+    hint = {
+        "tls_ca_mismatch": " (use the ca.crt from the same provisioning as the server)",
+        "tls_expired": " (the operator must renew server.crt: re-run provision)",
+        "tls_host_mismatch": " (connect with a name in the certificate, or re-provision)",
+    }.get(kind, "")
+    return kind, f"TLS certificate verify failed: {detail}{hint}"
+
+
+def wait_for_superlink(
+    address: str,
+    ca_cert: Path | str,
+    timeout: float = 60.0,
+    backoff: float = 0.5,
+    max_backoff: float = 10.0,
+) -> int:
+    """Retry ``check_superlink`` with exponential backoff while the SuperLink is
+    unreachable; TLS problems fail at once. Returns the number of attempts; raises
+    SuperLinkConnectionError with a one-line message."""
+    deadline = time.monotonic() + timeout
+    attempt, delay = 0, backoff
+    while True:
+        attempt += 1
+        problem = check_superlink(address, ca_cert, timeout=min(5.0, max(timeout, 0.5)))
+        if problem is None:
+            return attempt
+        kind, message = problem
+        remaining = deadline - time.monotonic()
+        if kind != "unreachable" or remaining <= 0:
+            if kind == "unreachable":
+                message += f" (gave up after {attempt} attempts in {timeout:.0f}s)"
+            raise SuperLinkConnectionError(kind, message)
+        time.sleep(min(delay, remaining))
+        delay = min(delay * 2, max_backoff)
+
+
+# ---------------------------------------------------------------------------- SuperNode
+
+
+def load_site_key(private_key: Path | str) -> ec.EllipticCurvePrivateKey:
+    """Load the site's auth key, or raise SuperNodeError saying what is wrong with it."""
+    path = Path(private_key)
+    try:
+        key = serialization.load_ssh_private_key(path.read_bytes(), None)
+    except FileNotFoundError:
+        raise SuperNodeError(f"site private key {path} does not exist") from None
+    except (ValueError, TypeError) as err:
+        raise SuperNodeError(
+            f"site private key {path} is not an unencrypted OpenSSH private key ({err})"
+        ) from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise SuperNodeError(
+            f"site private key {path} is a {type(key).__name__}; Flower needs an EC "
+            "(NIST P-256/P-384/P-521) key"
+        )
+    return key
+
+
+@dataclass
+class SuperNodeHandle(ManagedProcess):
+    """A running ``flower-supernode``."""
+
+    site: str = ""
+    superlink_address: str = ""
+    clientappio_port: int = 0
+    ca_cert: Path = Path("ca.crt")
+    private_key: Path = Path("key")
+    log_offset: int = 0
+
+    def new_log(self) -> str:
+        """This run's part of the log file."""
+        return self.log_text()[self.log_offset:]
+
+    @property
+    def node_id(self) -> int | None:
+        """The node id once the SuperLink accepted the SuperNode."""
+        match = _NODE_ID.search(self.new_log())
+        return int(match.group(1)) if match else None
+
+    def failure(self) -> str | None:
+        """One-line reason if the SuperNode exited on its own, else None."""
+        if self.is_running() or self.stopped_by_us:
+            return None
+        return diagnose_supernode(
+            self.new_log(), self.process.returncode, self.superlink_address,
+            self.ca_cert, self.private_key, self.site,
+        )
+
+    def wait_connected(self, timeout: float = 60.0) -> int:
+        """Block until the SuperLink accepted this SuperNode; return its node id. Raises
+        SuperNodeError (one line) if it exits first, TimeoutError if neither happens."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            node_id = self.node_id
+            if node_id is not None:
+                return node_id
+            if not self.is_running():
+                raise SuperNodeError(self.failure() or "SuperNode exited")
+            time.sleep(0.1)
+        raise TimeoutError(
+            f"SuperNode of site {self.site!r} not connected to {self.superlink_address} "
+            f"after {timeout:.0f}s; see {self.log_path}"
+        )
+
+    def wait_exit(self, timeout: float) -> str:
+        """Block until the SuperNode exits on its own (e.g. after its key was revoked);
+        return the one-line reason. Raises TimeoutError if it keeps running."""
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired as err:
+            raise TimeoutError(
+                f"SuperNode of site {self.site!r} still running after {timeout:.0f}s"
+            ) from err
+        return self.failure() or "SuperNode stopped"
+
+    def __enter__(self) -> SuperNodeHandle:
+        return self
+
+
+def start_supernode(
+    superlink_address: str,
+    ca_cert: Path | str,
+    private_key: Path | str,
+    node_config: dict[str, Any],
+    clientappio_port: int | None = None,
+    work_dir: Path | str = ".",
+    site: str | None = None,
+    max_wait_time: float | None = None,
+    wait: bool = True,
+    connect_timeout: float = 60.0,
+    task_poll_interval: float | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> SuperNodeHandle:
+    """Start ``flower-supernode`` for one site.
+
+    ``work_dir`` holds ``supernode.log``, ``node_config.toml`` and the SuperNode's
+    FLWR_HOME (unpacked apps). ``clientappio_port=None`` picks a free port for the
+    ClientApp Runtime API. ``max_wait_time`` bounds the SuperNode's own reconnect
+    retries (Flower's default: retry forever). With ``wait`` this returns once the
+    SuperLink accepted the node, or raises SuperNodeError with a one-line reason.
+    ``task_poll_interval`` sets FLWR_SUPEREXEC_TASK_POLL_INTERVAL (how often the
+    SuperExec looks for a ClientApp to launch; Flower's default 1 s).
+    """
+    work = Path(work_dir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    ca_path, key_path = Path(ca_cert).resolve(), Path(private_key).resolve()
+    if not ca_path.is_file():
+        raise SuperNodeError(f"CA certificate {ca_path} does not exist")
+    load_site_key(key_path)
+    site = site or str(node_config.get("site", key_path.stem))
+    port = clientappio_port if clientappio_port is not None else free_port()
+
+    config_path = work / "node_config.toml"
+    config_path.write_text(tomli_w.dumps(node_config))
+    cmd = [
+        flower_bin("flower-supernode"),
+        "--superlink", superlink_address,
+        "--root-certificates", str(ca_path),
+        "--auth-supernode-private-key", str(key_path),
+        "--node-config", str(config_path),
+        "--host", "127.0.0.1",
+        "--port", str(port),
+    ]
+    if max_wait_time is not None:
+        cmd += ["--max-wait-time", str(max_wait_time)]
+    extra = dict(extra_env or {})
+    if task_poll_interval is not None:
+        extra["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(task_poll_interval)
+    log_path = work / "supernode.log"
+    offset = log_length(log_path)
+    handle = SuperNodeHandle(
+        process=spawn(cmd, log_path, flower_env(work / "flwr_home", extra), cwd=work),
+        log_path=log_path, site=site, superlink_address=superlink_address,
+        clientappio_port=port, ca_cert=ca_path, private_key=key_path, log_offset=offset,
+    )
+    if wait:
+        try:
+            handle.wait_connected(connect_timeout)
+        except BaseException:
+            handle.stop()
+            raise
+    return handle
+
+
+def diagnose_supernode(
+    log: str,
+    returncode: int | None,
+    superlink_address: str,
+    ca_cert: Path | str,
+    private_key: Path | str,
+    site: str = "",
+) -> str:
+    """One line saying why a SuperNode stopped, from its log and exit code."""
+    who = f"SuperNode of site {site!r}" if site else "SuperNode"
+    pub = f"{private_key}.pub"
+    if "Failed to activate SuperNode" in log or "code: 2004" in log:
+        return (
+            f"{who} refused by the SuperLink at {superlink_address}: its key "
+            f"{private_key} is not registered (or was revoked). The operator must "
+            f"register {pub} (`flwr supernode register`); a revoked key needs a new key pair"
+        )
+    if "CERTIFICATE_VERIFY_FAILED" in log or "SSL/TLS handshake error" in log:
+        problem = check_superlink(superlink_address, ca_cert)
+        if problem is not None and problem[0] != "unreachable":
+            return f"{who}: {problem[1]}"
+        line = next((ln for ln in log.splitlines() if "CERTIFICATE_VERIFY_FAILED" in ln), "")
+        return f"{who}: TLS certificate verify failed with CA {ca_cert}: {line.strip()}"
+    if "Unable to parse the private key file" in log:
+        return f"{who}: private key {private_key} is not an EC key in OpenSSH format"
+    if returncode == 0:
+        if _NODE_ID.search(log):
+            return (
+                f"{who} was disconnected by the SuperLink at {superlink_address} (HTTP 401 "
+                f"on its next request): its key {private_key} was revoked (unregistered)"
+            )
+        return f"{who} exited cleanly before connecting (stopped by a signal?)"
+    if "Connection refused" in log or "Giving up reconnection" in log:
+        return (
+            f"{who}: SuperLink {superlink_address} unreachable (connection refused; is "
+            "flower-superlink running, and are host and port right?)"
+        )
+    exit_line = re.search(r"Exit Code: (\d+)\s*\n(.*)\n(.*)", log)
+    if exit_line:
+        return f"{who} exited (Flower exit code {exit_line.group(1)}): " + " ".join(
+            s.strip() for s in exit_line.groups()[1:]
+        )
+    tail = " | ".join(ln.strip() for ln in log.strip().splitlines()[-3:])
+    return f"{who} exited with code {returncode}: {tail}"
+

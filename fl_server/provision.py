@@ -1,0 +1,539 @@
+"""Provision a consortium: a CA, the SuperLink's TLS certificate, one auth key per site.
+
+Pure functions over ``cryptography`` (no Flower import). Layout written by ``provision``::
+
+    out_dir/
+      ca/ca.crt, ca/ca.key (0600)                 the consortium CA (keep ca.key offline)
+      server/ca.crt, server.crt, server.key (0600) for ``flower-superlink --ssl-*``
+      server/supernode_keys/<site>.pub            public keys to register with
+                                                  ``flwr supernode register``
+      sites/<site>/ca.crt                         CA the SuperNode trusts (--root-certificates)
+      sites/<site>/<site>_auth (0600)             EC private key, OpenSSH format
+      sites/<site>/<site>_auth.pub                its OpenSSH public key
+      sites/<site>/README.txt
+
+Flower 1.42 has no key list file: with ``--enable-supernode-auth`` the operator registers
+each site's public key through the Control API (``flwr supernode register <pub>``), see
+``fl_server.superlink.register_site_key``.
+
+Re-running reuses every existing private key and only adds what is missing (new sites, a
+server certificate re-issued with the same key when a host was added or it expired);
+``force=True`` regenerates all keys. Every file is written to a temporary name and moved
+into place with ``os.replace``; if writing fails, the files and folders this call created
+are removed again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+CA_VALID_DAYS = 3650
+SERVER_VALID_DAYS = 365
+TLS_CURVE = ec.SECP256R1
+AUTH_CURVE = ec.SECP384R1  # Flower's docs use P-384 for SuperNode auth keys
+_SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_PRIVATE = 0o600
+_PUBLIC = 0o644
+
+SITE_README = """\
+Federated segmentation consortium "{consortium}": files for site "{site}"
+=========================================================================
+
+ca.crt            The consortium's CA certificate. Your SuperNode uses it to check that it
+                  talks to the real consortium server (TLS). Not secret.
+{site}_auth       Your site's private key (EC, OpenSSH format). It proves to the server
+                  that a connection comes from your site. SECRET: keep it readable only by
+                  the account that runs fl-client (chmod 600), never email or commit it.
+{site}_auth.pub   The matching public key. The consortium operator has registered it;
+                  if you lose the private key, ask the operator for a new pair.
+
+Server address(es): {hosts}
+
+To start:
+  1. Copy this folder to the machine that runs fl-client.
+  2. Point your site.yaml at these files (ca.crt and {site}_auth) and the server address.
+  3. Check your configuration:   fl-client check --site site.yaml
+  4. Start the client:           fl-client start --site site.yaml
+"""
+
+
+@dataclass(frozen=True)
+class SiteFiles:
+    """Paths handed to one site."""
+
+    name: str
+    dir: Path
+    ca_cert: Path
+    private_key: Path
+    public_key: Path
+    readme: Path
+
+
+@dataclass(frozen=True)
+class ProvisionResult:
+    """Paths written (or reused) by ``provision``."""
+
+    out_dir: Path
+    ca_cert: Path
+    ca_key: Path
+    server_ca_cert: Path
+    server_cert: Path
+    server_key: Path
+    server_hosts: tuple[str, ...]
+    sites: dict[str, SiteFiles]
+    site_public_keys: dict[str, Path]
+    written: list[Path] = field(default_factory=list)  # files (re)written by this call
+
+
+# ---------------------------------------------------------------------------- keys/certs
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _pem_private_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _name(common_name: str, organization: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+def make_ca(
+    consortium_name: str,
+    valid_days: int = CA_VALID_DAYS,
+    key: ec.EllipticCurvePrivateKey | None = None,
+    not_before: dt.datetime | None = None,
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """Return a self-signed CA certificate and its key (a new P-256 key unless given)."""
+    key = key or ec.generate_private_key(TLS_CURVE())
+    start = not_before or _now() - dt.timedelta(minutes=5)
+    name = _name(f"{consortium_name} CA", consortium_name)
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + dt.timedelta(days=valid_days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False,
+                key_encipherment=False, data_encipherment=False, key_agreement=False,
+                key_cert_sign=True, crl_sign=True, encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ski, critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def _san_entry(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
+def make_server_cert(
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    hosts: list[str] | tuple[str, ...],
+    valid_days: int = SERVER_VALID_DAYS,
+    key: ec.EllipticCurvePrivateKey | None = None,
+    not_before: dt.datetime | None = None,
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """Return a server certificate for ``hosts`` (IPs as IPAddress SANs, names as DNSName)
+    signed by the CA, and its key (a new P-256 key unless given)."""
+    if not hosts:
+        raise ValueError("server_hosts is empty: give at least one DNS name or IP address")
+    key = key or ec.generate_private_key(TLS_CURVE())
+    start = not_before or _now() - dt.timedelta(minutes=5)
+    org = ca_cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+    organization = org[0].value if org else "consortium"
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(hosts[0], str(organization)))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + dt.timedelta(days=valid_days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.SubjectAlternativeName([_san_entry(h) for h in hosts]), critical=False
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def make_site_key() -> tuple[bytes, bytes]:
+    """Return (OpenSSH private key, OpenSSH public key) for a new EC P-384 auth key."""
+    key = ec.generate_private_key(AUTH_CURVE())
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    return private, public + b"\n"
+
+
+# ---------------------------------------------------------------------------- checks
+
+
+def _load_cert(path: Path | str) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(Path(path).read_bytes())
+
+
+def _san_hosts(cert: x509.Certificate) -> list[str]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [str(v) for v in san.get_values_for_type(x509.IPAddress)] + list(
+        san.get_values_for_type(x509.DNSName)
+    )
+
+
+def _host_in_sans(host: str, sans: list[str]) -> bool:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        host = host.lower().rstrip(".")
+        for san in sans:
+            san = san.lower()
+            if san == host:
+                return True
+            if san.startswith("*.") and host.count(".") == san.count(".") and (
+                host.split(".", 1)[1] == san[2:]
+            ):
+                return True
+        return False
+    return any(_same_ip(ip, san) for san in sans)
+
+
+def _same_ip(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, san: str) -> bool:
+    try:
+        return ipaddress.ip_address(san) == ip
+    except ValueError:
+        return False
+
+
+def _signed_by(cert: x509.Certificate, ca_cert: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca_cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def server_certificate_problems(
+    ca: x509.Certificate,
+    server: x509.Certificate,
+    host: str | None = None,
+    now: dt.datetime | None = None,
+    ca_label: str = "",
+    server_label: str = "server certificate",
+) -> list[str]:
+    """``certificate_problems`` for loaded certificates; the labels name their origin
+    (e.g. ``ca_label="sites/a/ca.crt"``, ``server_label="server certificate of x:9"``)."""
+    now = now or _now()
+    problems: list[str] = []
+    ca_name = f"CA certificate {ca_label}" if ca_label else "CA certificate"
+    for label, cert in ((ca_name, ca), (server_label, server)):
+        if cert.not_valid_after_utc < now:
+            problems.append(
+                f"{label} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
+            )
+        elif cert.not_valid_before_utc > now:
+            problems.append(
+                f"{label} is not valid before "
+                f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC (check the clock)"
+            )
+    if not _signed_by(server, ca):
+        where = f" in {ca_label}" if ca_label else ""
+        problems.append(
+            f"{server_label} is not signed by the CA{where} "
+            f"(certificate issuer {server.issuer.rfc4514_string()!r}, "
+            f"CA subject {ca.subject.rfc4514_string()!r})"
+        )
+    if host is not None:
+        sans = _san_hosts(server)
+        if not _host_in_sans(host, sans):
+            problems.append(f"host {host} not in certificate SANs {sans} ({server_label})")
+    return problems
+
+
+def certificate_problems(
+    ca_crt: Path | str,
+    server_crt: Path | str,
+    host: str | None = None,
+    now: dt.datetime | None = None,
+) -> list[str]:
+    """Return one-line descriptions of what is wrong with a server certificate.
+
+    Checks that both files load, that neither certificate is expired or not yet valid,
+    that the server certificate is signed by the CA in ``ca_crt``, and (when ``host``
+    is given) that ``host`` is in its SANs. An empty list means no problem found.
+    """
+    problems: list[str] = []
+    certs: list[x509.Certificate] = []
+    for label, path in (("CA certificate", ca_crt), ("server certificate", server_crt)):
+        try:
+            certs.append(_load_cert(path))
+        except FileNotFoundError:
+            problems.append(f"{label} file {path} does not exist")
+        except ValueError as err:
+            problems.append(f"{label} file {path} is not a PEM certificate ({err})")
+    if problems:
+        return problems
+    return server_certificate_problems(
+        certs[0], certs[1], host, now, ca_label=str(ca_crt),
+        server_label=f"server certificate {server_crt}",
+    )
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+class _Writer:
+    """Atomic file writes that remember what they created, for rollback."""
+
+    def __init__(self) -> None:
+        self.created_files: list[Path] = []
+        self.created_dirs: list[Path] = []
+        self.written: list[Path] = []
+
+    def mkdir(self, path: Path) -> None:
+        missing = []
+        p = path
+        while not p.exists():
+            missing.append(p)
+            p = p.parent
+        for d in reversed(missing):
+            d.mkdir()
+            self.created_dirs.append(d)
+
+    def write(self, path: Path, data: bytes, mode: int) -> None:
+        self.mkdir(path.parent)
+        existed = path.exists()
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            os.fchmod(fd, mode)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        if not existed:
+            self.created_files.append(path)
+        self.written.append(path)
+
+    def rollback(self) -> None:
+        for f in reversed(self.created_files):
+            f.unlink(missing_ok=True)
+        for d in reversed(self.created_dirs):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _validate_inputs(consortium_name: str, site_names: list[str], hosts: list[str]) -> None:
+    if not consortium_name.strip():
+        raise ValueError("consortium_name is empty")
+    if isinstance(site_names, str) or isinstance(hosts, str):
+        raise TypeError("site_names and server_hosts must be lists of strings")
+    if not hosts:
+        raise ValueError("server_hosts is empty: give the DNS names and/or IPs "
+                         "that SuperNodes use to reach the SuperLink")
+    for name in site_names:
+        if not _SITE_NAME.match(name):
+            raise ValueError(
+                f"site name {name!r} is not valid: use 1-64 letters, digits, '_', '-', "
+                "'.', starting with a letter or digit"
+            )
+    dupes = sorted({n for n in site_names if site_names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"duplicate site names: {dupes}")
+
+
+def provision(
+    out_dir: Path | str,
+    consortium_name: str,
+    site_names: list[str],
+    server_hosts: list[str],
+    force: bool = False,
+    server_valid_days: int = SERVER_VALID_DAYS,
+    ca_valid_days: int = CA_VALID_DAYS,
+    rotate_sites: list[str] | tuple[str, ...] = (),
+    include_loopback: bool = True,
+) -> ProvisionResult:
+    """Create (or complete) the consortium's certificates and site keys in ``out_dir``.
+
+    Existing private keys are reused unless ``force`` (all keys new) or the site is in
+    ``rotate_sites`` (new auth key for those sites only: Flower never accepts a revoked
+    public key again, so re-admitting a revoked site needs a new key). With
+    ``include_loopback`` the server certificate also names 127.0.0.1 and localhost:
+    ``flower-superlink`` starts its own SuperExec, which connects to the SuperLink over
+    TLS on the loopback address, so that name must be in the certificate.
+    Returns the paths of everything the operator and the sites need.
+    """
+    site_names = list(site_names)
+    _validate_inputs(consortium_name, site_names, list(server_hosts))
+    unknown = sorted(set(rotate_sites) - set(site_names))
+    if unknown:
+        raise ValueError(f"rotate_sites {unknown} are not in site_names {site_names}")
+    out = Path(out_dir).resolve()
+    hosts = tuple(dict.fromkeys(
+        list(server_hosts) + (["127.0.0.1", "localhost"] if include_loopback else [])
+    ))
+    ca_crt_p, ca_key_p = out / "ca" / "ca.crt", out / "ca" / "ca.key"
+    srv_dir = out / "server"
+    srv_ca_p, srv_crt_p = srv_dir / "ca.crt", srv_dir / "server.crt"
+    srv_key_p = srv_dir / "server.key"
+
+    # Phase 1: decide and build everything in memory (no file touched yet).
+    plan: list[tuple[Path, bytes, int]] = []
+
+    if not force and ca_key_p.exists() and ca_crt_p.exists():
+        ca_key = serialization.load_pem_private_key(ca_key_p.read_bytes(), None)
+        if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+            raise ValueError(f"{ca_key_p} is not an EC private key")
+        ca_cert = _load_cert(ca_crt_p)
+    elif not force and (ca_key_p.exists() or ca_crt_p.exists()):
+        raise FileExistsError(
+            f"only one of {ca_crt_p} and {ca_key_p} exists; restore the other or "
+            "re-run with force=True to create a new CA (all sites then need new files)"
+        )
+    else:
+        ca_cert, ca_key = make_ca(consortium_name, ca_valid_days)
+        plan.append((ca_key_p, _pem_private_key(ca_key), _PRIVATE))
+        plan.append((ca_crt_p, ca_cert.public_bytes(serialization.Encoding.PEM), _PUBLIC))
+    ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
+
+    server_key: ec.EllipticCurvePrivateKey | None = None
+    if not force and srv_key_p.exists():
+        loaded = serialization.load_pem_private_key(srv_key_p.read_bytes(), None)
+        if not isinstance(loaded, ec.EllipticCurvePrivateKey):
+            raise ValueError(f"{srv_key_p} is not an EC private key")
+        server_key = loaded
+    reissue = force or server_key is None or not srv_crt_p.exists()
+    if not reissue:
+        cert = _load_cert(srv_crt_p)
+        sans = _san_hosts(cert)
+        same_key = (
+            cert.public_key().public_numbers() == server_key.public_key().public_numbers()
+        )
+        reissue = (
+            not same_key
+            or cert.not_valid_after_utc < _now()
+            or not _signed_by(cert, ca_cert)
+            or any(not _host_in_sans(h, sans) for h in hosts)
+        )
+    if reissue:
+        server_cert, new_key = make_server_cert(
+            ca_cert, ca_key, hosts, server_valid_days, key=server_key
+        )
+        if server_key is None:
+            plan.append((srv_key_p, _pem_private_key(new_key), _PRIVATE))
+        plan.append(
+            (srv_crt_p, server_cert.public_bytes(serialization.Encoding.PEM), _PUBLIC)
+        )
+    else:
+        hosts = tuple(_san_hosts(_load_cert(srv_crt_p)))
+
+    sites: dict[str, SiteFiles] = {}
+    site_pubs: dict[str, Path] = {}
+    for site in site_names:
+        d = out / "sites" / site
+        files = SiteFiles(site, d, d / "ca.crt", d / f"{site}_auth", d / f"{site}_auth.pub",
+                          d / "README.txt")
+        sites[site] = files
+        site_pubs[site] = srv_dir / "supernode_keys" / f"{site}.pub"
+        if force or site in rotate_sites or not files.private_key.exists():
+            private, public = make_site_key()
+            plan.append((files.private_key, private, _PRIVATE))
+        else:
+            key = serialization.load_ssh_private_key(files.private_key.read_bytes(), None)
+            if not isinstance(key, ec.EllipticCurvePrivateKey):
+                raise ValueError(f"{files.private_key} is not an EC private key")
+            public = key.public_key().public_bytes(
+                serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+            ) + b"\n"
+        for path, data in ((files.public_key, public), (site_pubs[site], public),
+                           (files.ca_cert, ca_pem)):
+            if not path.exists() or path.read_bytes() != data:
+                plan.append((path, data, _PUBLIC))
+        readme = SITE_README.format(
+            consortium=consortium_name, site=site, hosts=", ".join(server_hosts)
+        ).encode()
+        if not files.readme.exists() or files.readme.read_bytes() != readme:
+            plan.append((files.readme, readme, _PUBLIC))
+    if not srv_ca_p.exists() or srv_ca_p.read_bytes() != ca_pem:
+        plan.append((srv_ca_p, ca_pem, _PUBLIC))
+
+    # Phase 2: write; on failure remove what this call created.
+    writer = _Writer()
+    try:
+        writer.mkdir(out)
+        for path, data, mode in plan:
+            writer.write(path, data, mode)
+        for key_path in [ca_key_p, srv_key_p] + [s.private_key for s in sites.values()]:
+            os.chmod(key_path, _PRIVATE)
+    except BaseException:
+        writer.rollback()
+        raise
+
+    return ProvisionResult(
+        out_dir=out,
+        ca_cert=ca_crt_p,
+        ca_key=ca_key_p,
+        server_ca_cert=srv_ca_p,
+        server_cert=srv_crt_p,
+        server_key=srv_key_p,
+        server_hosts=hosts,
+        sites=sites,
+        site_public_keys=site_pubs,
+        written=writer.written,
+    )
