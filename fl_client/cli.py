@@ -1,0 +1,116 @@
+"""`fl-client`: what a hospital runs.
+
+  fl-client check --site FILE                 validate the site YAML and every data file
+  fl-client local --site FILE --rounds N      try the method on this site alone, no server
+  fl-client start --site FILE                 join the consortium (a Flower SuperNode)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from shared.flower_env import apply_flower_env
+
+
+def main(argv=None) -> int:
+    apply_flower_env()
+    parser = argparse.ArgumentParser(prog="fl-client", description="Run a hospital site of the consortium.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    check = sub.add_parser("check", help="validate the site YAML and every image and mask it points at")
+    check.add_argument("--site", required=True, type=Path)
+
+    local = sub.add_parser("local", help="run supervised warm-up and preference rounds on this site alone")
+    local.add_argument("--site", required=True, type=Path)
+    local.add_argument("--rounds", type=int, default=3, help="preference rounds (default 3)")
+    local.add_argument("--consortium", type=Path, help="take model and training settings from this consortium YAML")
+    local.add_argument("--supervised-rounds", type=int, help="warm-up rounds (default: the consortium's, else 3)")
+    local.add_argument("--checkpoint", type=Path, help="start from these weights instead of a warm-up")
+
+    start = sub.add_parser("start", help="start this site's Flower SuperNode against the consortium server")
+    start.add_argument("--site", required=True, type=Path)
+    start.add_argument("--superlink", help="server address HOST:PORT (default: from the site's deployment section)")
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from shared.config import ConfigError
+
+    try:
+        if args.command == "check":
+            return cmd_check(args)
+        if args.command == "local":
+            return cmd_local(args)
+        return cmd_start(args)
+    except ConfigError as exc:
+        print(f"fl-client: {exc}", file=sys.stderr)
+        return 2
+
+
+def cmd_check(args) -> int:
+    from shared.config import load_site
+    from shared.data import check_site_data
+
+    site = load_site(args.site)
+    problems = check_site_data(site)
+    errors = [p for p in problems if p.level == "error"]
+    for problem in problems:
+        print(f"{problem.level}: {problem}")
+    if errors:
+        print(f"{args.site}: {len(errors)} problem(s) found; bad files are skipped at run time, but fix them or remove them")
+        return 1
+    print(f"{args.site}: site '{site.name}' is ready ({len(problems)} warning(s))")
+    return 0
+
+
+def cmd_local(args) -> int:
+    import dataclasses
+
+    from tqdm import tqdm
+
+    from shared.config import ConsortiumConfig, PreferenceConfig, SupervisedConfig, ModelConfig, load_consortium, load_site
+    from shared.data import load_site_data
+    from shared.site import evaluate_round, load_model, train_round
+    from fl_server.run_dir import load_state
+
+    site = load_site(args.site)
+    if args.consortium:
+        cfg = load_consortium(args.consortium)
+        model_cfg, supervised, preference = cfg.model, cfg.supervised, cfg.preference
+    else:
+        model_cfg, supervised, preference = ModelConfig(), SupervisedConfig(), PreferenceConfig()
+    warmup = args.supervised_rounds if args.supervised_rounds is not None else supervised.rounds
+    splits = load_site_data(site)
+    for name, split in splits.items():
+        print(f"{name:12s} {len(split):5d} images" + (f" ({len(split.skipped)} skipped)" if split.skipped else ""))
+
+    def progress(steps, label):
+        return tqdm(steps, desc=f"  {label}", leave=False, file=sys.stderr, disable=None)
+
+    state = load_state(args.checkpoint) if args.checkpoint else load_model(model_cfg, site.channels, None).state_dict()
+    if args.checkpoint:
+        warmup = 0
+    print(f"{'round':>5} {'phase':11s} {'test dice':>9} {'hd95':>7} {'pairs':>6} {'pair_acc':>8} {'spearman':>8} {'gain':>7}")
+    for r in range(1, warmup + args.rounds + 1):
+        phase = "supervised" if r <= warmup else "preference"
+        state, result = train_round(site, model_cfg, phase, state, supervised, preference, seed=r,
+                                    splits=splits, progress=progress)
+        scores = evaluate_round(site, model_cfg, state, splits)
+        m = result.metrics
+        rel = "" if phase == "supervised" else (
+            f" {int(m.get('pairs_used', 0)):6d} {m.get('rel_pair_accuracy', float('nan')):8.3f}"
+            f" {m.get('rel_spearman', float('nan')):8.3f} {m.get('rel_pair_gain', float('nan')):7.3f}")
+        print(f"{r:5d} {phase:11s} {scores['dice']:9.3f} {scores['hd95']:7.2f}{rel}", flush=True)
+    return 0
+
+
+def cmd_start(args) -> int:
+    from fl_client.start import start_site
+
+    return start_site(args.site, args.superlink)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""The Flower ClientApp a site runs: straight-line handlers around shared.site.
+
+Settings arrive in three channels (STYLE.md): the site YAML path in `context.node_config`
+(`site-config`; in simulation `partition-id` picks one of the consortium's sites), and the
+per-round settings in the ConfigRecord the server sends. The reply carries the weights, numbers
+and the site's name: never an image, a mask or a per-image score.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from shared.config import ModelConfig, PreferenceConfig, SupervisedConfig, from_dict, load_site
+from shared.site import evaluate_round, save_overlays, train_round
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    config = msg.content["config"]
+    site = _site(config, context)
+    weights, result = train_round(
+        site,
+        _settings(config, "model", ModelConfig),
+        str(config["phase"]),
+        msg.content["arrays"].to_torch_state_dict(),
+        _settings(config, "supervised", SupervisedConfig),
+        _settings(config, "preference", PreferenceConfig),
+        seed=int(config["seed"]),
+    )
+    if "sim-run-dir" in config and result.pairs is not None:  # simulation only: overlays stay local
+        from shared.data import load_site_data
+
+        calibration = load_site_data(site, splits=("calibration",))["calibration"]
+        save_overlays(result.pairs, calibration.images, Path(str(config["sim-run-dir"])) / "overlays",
+                      site.name, int(config["server-round"]))
+    metrics = {k: float(v) for k, v in result.metrics.items()}
+    metrics["num-examples"] = float(result.num_examples)
+    return _reply(msg, site.name, metrics, ArrayRecord(weights))
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    config = msg.content["config"]
+    site = _site(config, context)
+    scores = evaluate_round(site, _settings(config, "model", ModelConfig), msg.content["arrays"].to_torch_state_dict())
+    metrics = {k: float(v) for k, v in scores.items()}
+    metrics["num-examples"] = float(scores["n_images"])
+    return _reply(msg, site.name, metrics)
+
+
+def _site(config: ConfigRecord, context: Context):
+    if "site-config" in context.node_config:
+        return load_site(str(context.node_config["site-config"]))
+    sites = list(config["sim-sites"])  # simulation: the consortium's site list, by partition
+    return load_site(sites[int(context.node_config["partition-id"])])
+
+
+def _settings(config: ConfigRecord, key: str, cls):
+    return from_dict(cls, json.loads(str(config[key])), origin=f"server config '{key}'")
+
+
+def _reply(msg: Message, site_name: str, metrics: dict, arrays: ArrayRecord | None = None) -> Message:
+    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site_name})})
+    if arrays is not None:
+        content["arrays"] = arrays
+    return Message(content=content, reply_to=msg)

@@ -1,0 +1,72 @@
+"""`fl-server`: what the consortium operator runs.
+
+  fl-server provision --consortium FILE --out DIR   CA, server certificate, one key per site
+  fl-server start --consortium FILE [--resume]      SuperLink with TLS + site authentication, run the rounds
+  fl-server revoke SITE --consortium FILE           refuse a site's key from now on
+  fl-server report RUN_DIR                          rebuild RUN_DIR/report.html
+  fl-server status RUN_DIR                          print the judge-reliability ledger
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from shared.flower_env import apply_flower_env
+
+
+def main(argv=None) -> int:
+    apply_flower_env()
+    parser = argparse.ArgumentParser(prog="fl-server", description="Run the consortium server.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    provision = sub.add_parser("provision", help="create the CA, server certificate and site keys")
+    provision.add_argument("--consortium", required=True, type=Path)
+    provision.add_argument("--out", required=True, type=Path)
+    provision.add_argument("--force", action="store_true", help="replace existing keys and certificates")
+
+    start = sub.add_parser("start", help="start the SuperLink and run the consortium's rounds")
+    start.add_argument("--consortium", required=True, type=Path)
+    start.add_argument("--provisioned", type=Path, help="folder made by provision (default: <run_dir>/../provisioned)")
+    start.add_argument("--run-dir", type=Path)
+    start.add_argument("--resume", action="store_true")
+
+    revoke = sub.add_parser("revoke", help="refuse a site's key at its next connection")
+    revoke.add_argument("site")
+    revoke.add_argument("--consortium", required=True, type=Path)
+    revoke.add_argument("--provisioned", type=Path)
+
+    report = sub.add_parser("report", help="rebuild the HTML report of a run directory")
+    report.add_argument("run_dir", type=Path)
+
+    status = sub.add_parser("status", help="print the judge-reliability ledger of a run directory")
+    status.add_argument("run_dir", type=Path)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from shared.config import ConfigError
+
+    try:
+        if args.command in ("report", "status"):
+            if not (args.run_dir / "metrics.jsonl").exists():
+                print(f"fl-server: {args.run_dir}: not a run directory (no metrics.jsonl)", file=sys.stderr)
+                return 2
+            from fl_server.report import build_report, status_table
+
+            if args.command == "report":
+                print(build_report(args.run_dir))
+            else:
+                print(status_table(args.run_dir))
+            return 0
+        from fl_server import operator
+
+        return getattr(operator, f"cmd_{args.command}")(args)
+    except ConfigError as exc:
+        print(f"fl-server: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

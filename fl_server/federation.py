@@ -1,0 +1,243 @@
+"""The consortium's round loop on Flower's Grid: phases, ledger, checks, checkpoints.
+
+`ConsortiumStrategy` is Flower's FedAvg with three changes (DESIGN.md section 4): each site
+gets its own preference settings chosen from the ledger; every update is checked before it is
+averaged; and preference updates are weighted by pairs_used x g(judge reliability). The loop
+in `run_federation` drives supervised then preference rounds, evaluates every round, and
+writes metrics, ledger and a checkpoint after each, so `resume=True` continues a stopped run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from shared.aggregation import norm_outliers, update_norm, update_problem, weighted_average
+from shared.config import ConsortiumConfig, PreferenceConfig, to_dict
+from shared.ledger import EXCLUDED, Ledger
+from fl_server.run_dir import RunDir, config_hash, load_state
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SiteOutcome:
+    """What the server learned about one site in one round."""
+
+    site: str
+    status: str = "ok"  # ok | failed | rejected | excluded
+    reason: str = ""
+    train: dict = field(default_factory=dict)
+    eval: dict = field(default_factory=dict)
+    weight: float = 0.0
+    state: dict | None = None  # the update, dropped once aggregated
+
+
+class ConsortiumStrategy(FedAvg):
+    def __init__(self, cfg: ConsortiumConfig, ledger: Ledger, extra_config: dict | None = None):
+        n = cfg.federation.min_sites
+        super().__init__(min_train_nodes=n, min_evaluate_nodes=n, min_available_nodes=n)
+        self.cfg = cfg
+        self.ledger = ledger
+        self.extra_config = extra_config or {}
+        self.node_sites: dict[int, str] = {}  # learned from replies; a reply names its site
+
+    def round_config(self, server_round: int, phase: str, preference: PreferenceConfig) -> ConfigRecord:
+        return ConfigRecord({
+            "phase": phase,
+            "server-round": server_round,
+            "seed": self.cfg.seed * 100_003 + server_round,
+            "model": json.dumps(to_dict(self.cfg.model)),
+            "supervised": json.dumps(to_dict(self.cfg.supervised)),
+            "preference": json.dumps(to_dict(preference)),
+            **self.extra_config,
+        })
+
+    def configure_train(self, server_round, arrays, config, grid) -> Iterable[Message]:
+        """One message per node; a known site gets the settings its ledger state calls for."""
+        phase = str(config["phase"])
+        messages = []
+        for node_id in _wait_for_nodes(grid, self.min_available_nodes, self.cfg.federation.round_timeout):
+            site = self.node_sites.get(node_id)
+            preference = self.ledger.settings_for(site, self.cfg.preference) if site else self.cfg.preference
+            record = RecordDict({"arrays": arrays, "config": self.round_config(server_round, phase, preference)})
+            messages.append(Message(content=record, message_type=MessageType.TRAIN, dst_node_id=node_id))
+        return messages
+
+    def collect(self, server_round: int, phase: str, sent: list[Message], replies: Iterable[Message],
+                global_state: dict) -> dict[str, SiteOutcome]:
+        """Sort replies into accepted updates and failures/rejections, updating the ledger."""
+        outcomes: dict[str, SiteOutcome] = {}
+        answered = set()
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            answered.add(node)
+            if reply.has_error():
+                site = self.node_sites.get(node, f"node-{node}")
+                outcomes[site] = SiteOutcome(site, "failed", f"client error: {reply.error.reason}")
+                continue
+            site = str(reply.content["site"]["name"])
+            self.node_sites[node] = site
+            train = {k: float(v) for k, v in reply.content["metrics"].items()}
+            state = reply.content["arrays"].to_torch_state_dict()
+            problem = update_problem(state, global_state)
+            if problem:
+                outcomes[site] = SiteOutcome(site, "rejected", problem, train)
+            else:
+                outcomes[site] = SiteOutcome(site, "ok", train=train, state=state)
+        for message in sent:
+            node = message.metadata.dst_node_id
+            if node not in answered:
+                site = self.node_sites.get(node, f"node-{node}")
+                outcomes[site] = SiteOutcome(site, "failed", f"no reply within {self.cfg.federation.round_timeout:g} s")
+
+        accepted = {s: o for s, o in outcomes.items() if o.status == "ok"}
+        norms = {s: update_norm(o.state, global_state) for s, o in accepted.items()}
+        for site in norm_outliers(norms, self.cfg.aggregation.norm_outlier_factor):
+            outcomes[site].status, outcomes[site].state = "rejected", None
+            outcomes[site].reason = f"update norm {norms[site]:.3g} is an outlier (median {sorted(norms.values())[len(norms) // 2]:.3g})"
+
+        for site, outcome in outcomes.items():
+            if outcome.status in ("failed", "rejected"):
+                log.warning("round %d: %s %s: %s", server_round, site, outcome.status, outcome.reason)
+                self.ledger.record_problem(site, server_round, outcome.status)
+            elif phase == "preference":
+                figures = {k[len("rel_"):]: v for k, v in outcome.train.items() if k.startswith("rel_")}
+                self.ledger.record_reliability(site, server_round, figures, self.cfg.aggregation)
+        return outcomes
+
+    def aggregate(self, phase: str, outcomes: dict[str, SiteOutcome], global_state: dict) -> tuple[dict, bool]:
+        """The new global weights, and whether they changed this round."""
+        accepted = sorted((s for s, o in outcomes.items() if o.status == "ok"))
+        for site in accepted:
+            outcome = outcomes[site]
+            weight = outcome.train.get("num-examples", 0.0)
+            if phase == "preference" and self.cfg.aggregation.kind == "reliability":
+                if self.ledger.site(site).state == EXCLUDED:
+                    outcome.status = "excluded"
+                weight *= self.ledger.factor(site)
+            outcome.weight = weight
+        total = sum(outcomes[s].weight for s in accepted)
+        for site in accepted:
+            outcomes[site].weight = outcomes[site].weight / total if total > 0 else 0.0
+        if len(accepted) < self.cfg.federation.min_sites:
+            log.warning("only %d of the required %d sites replied usefully: global model unchanged",
+                        len(accepted), self.cfg.federation.min_sites)
+            return global_state, False
+        if total <= 0:
+            log.warning("every aggregation weight is zero this round: global model unchanged")
+            return global_state, False
+        contributing = [s for s in accepted if outcomes[s].weight > 0]
+        new_state = weighted_average([outcomes[s].state for s in contributing], [outcomes[s].weight for s in contributing])
+        return new_state, True
+
+
+def run_federation(
+    grid: Grid,
+    cfg: ConsortiumConfig,
+    run_dir: Path,
+    resume: bool = False,
+    extra_config: dict | None = None,
+    on_round: Callable[[list[dict]], None] | None = None,
+) -> Path:
+    """Run (or resume) the consortium's rounds; returns the run directory."""
+    from shared.config import load_consortium_sites
+    from shared.site import model_from_config
+
+    run = RunDir(run_dir)
+    cfg_hash = config_hash(cfg)
+    if resume and run.latest_checkpoint() is not None:
+        done, state, ledger = run.resume(cfg_hash)
+        log.info("resuming %s after round %d", run_dir, done)
+    else:
+        sites = load_consortium_sites(cfg) if extra_config and "sim-sites" in extra_config else None
+        run.start(cfg, sites)
+        ledger, done = Ledger(), 0
+        channels = sites[0].channels if sites else int((extra_config or {}).get("in-channels", 1))
+        torch.manual_seed(cfg.seed)
+        model = model_from_config(cfg.model, channels)
+        if cfg.base_checkpoint is not None:
+            model.load_state_dict(load_state(cfg.base_checkpoint))
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    strategy = ConsortiumStrategy(cfg, ledger, extra_config)
+    total = cfg.supervised.rounds + cfg.preference.rounds
+    for server_round in range(done + 1, total + 1):
+        phase = "supervised" if server_round <= cfg.supervised.rounds else "preference"
+        started = time.time()
+        arrays = ArrayRecord(state)
+        sent = list(strategy.configure_train(server_round, arrays, ConfigRecord({"phase": phase}), grid))
+        replies = grid.send_and_receive(sent, timeout=cfg.federation.round_timeout)
+        outcomes = strategy.collect(server_round, phase, sent, replies, state)
+        state, aggregated = strategy.aggregate(phase, outcomes, state)
+        _evaluate(strategy, grid, server_round, ArrayRecord(state), outcomes)
+        lines = _metric_lines(server_round, phase, outcomes, strategy.ledger, aggregated, time.time() - started)
+        for line in lines:
+            run.append(line)
+        run.save_round(server_round, state, strategy.ledger, cfg_hash)
+        if on_round:
+            on_round(lines)
+    return run.path
+
+
+def _evaluate(strategy: ConsortiumStrategy, grid: Grid, server_round: int, arrays: ArrayRecord,
+              outcomes: dict[str, SiteOutcome]) -> None:
+    config = strategy.round_config(server_round, "evaluate", strategy.cfg.preference)
+    messages = [Message(RecordDict({"arrays": arrays, "config": config}), message_type=MessageType.EVALUATE,
+                        dst_node_id=node) for node in grid.get_node_ids()]
+    for reply in grid.send_and_receive(messages, timeout=strategy.cfg.federation.round_timeout):
+        if reply.has_error():
+            log.warning("round %d: evaluation failed at node %d: %s", server_round,
+                        reply.metadata.src_node_id, reply.error.reason)
+            continue
+        site = str(reply.content["site"]["name"])
+        strategy.node_sites[reply.metadata.src_node_id] = site
+        outcome = outcomes.setdefault(site, SiteOutcome(site, "failed", "did not train this round"))
+        outcome.eval = {k: float(v) for k, v in reply.content["metrics"].items() if k != "num-examples"}
+
+
+def _metric_lines(server_round: int, phase: str, outcomes: dict[str, SiteOutcome], ledger: Ledger,
+                  aggregated: bool, duration: float) -> list[dict]:
+    lines = []
+    for site in sorted(outcomes):
+        o = outcomes[site]
+        line = {"kind": "site", "round": server_round, "phase": phase, "site": site, "status": o.status,
+                "train": o.train, "eval": o.eval, "weight": o.weight,
+                "state": ledger.site(site).state}
+        if o.reason:
+            line["reason"] = o.reason
+        lines.append(line)
+    evals = [o.eval for o in outcomes.values() if o.eval]
+    lines.append({
+        "kind": "global", "round": server_round, "phase": phase,
+        "mean_dice": _mean([e.get("dice") for e in evals]),
+        "mean_hd95": _mean([e.get("hd95") for e in evals]),
+        "sites_ok": sum(o.status in ("ok", "excluded") for o in outcomes.values()),
+        "sites_failed": sum(o.status in ("failed", "rejected") for o in outcomes.values()),
+        "duration_s": round(duration, 2), "aggregated": aggregated,
+    })
+    return lines
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None and v == v]
+    return sum(values) / len(values) if values else None
+
+
+def _wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
+    deadline = time.time() + timeout
+    while len(nodes := list(grid.get_node_ids())) < minimum:
+        if time.time() > deadline:
+            raise TimeoutError(f"only {len(nodes)} of the required {minimum} sites connected within {timeout:g} s")
+        log.info("waiting for sites: %d connected, %d required", len(nodes), minimum)
+        time.sleep(1)
+    return sorted(nodes)

@@ -1,0 +1,104 @@
+"""The run directory (DESIGN.md section 6): config, metrics.jsonl, ledger, checkpoints.
+
+Everything a restarted server needs to resume lives here, written atomically, so a server
+killed at any point resumes from its last completed round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from shared.config import ConsortiumConfig, to_dict, to_yaml
+from shared.ledger import Ledger
+
+
+def config_hash(cfg: ConsortiumConfig) -> str:
+    """A fingerprint of everything that decides a run's result (the run dir itself excluded)."""
+    settings = to_dict(cfg)
+    settings.pop("run_dir", None)
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class RunDir:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.metrics = self.path / "metrics.jsonl"
+        self.ledger = self.path / "ledger.json"
+        self.checkpoints = self.path / "checkpoints"
+        self.overlays = self.path / "overlays"
+
+    def start(self, cfg: ConsortiumConfig, site_configs: list | None = None) -> None:
+        """Create a fresh run directory; refuse to mix two runs in one folder."""
+        if self.latest_checkpoint() is not None:
+            raise FileExistsError(
+                f"{self.path} already holds a run (checkpoints found): resume it with --resume "
+                "or choose another --run-dir"
+            )
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        text = to_yaml(cfg)
+        if site_configs:
+            text += "\n# sites, as resolved\n---\n" + "---\n".join(to_yaml(s) for s in site_configs)
+        _atomic_write(self.path / "config.yaml", text)
+        self.metrics.write_text("")
+
+    def append(self, line: dict) -> None:
+        with self.metrics.open("a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def save_round(self, round_number: int, state: dict, ledger: Ledger, cfg_hash: str) -> None:
+        """Checkpoint the global model and ledger after a completed round."""
+        ledger.rounds_completed = round_number
+        ledger.save(self.ledger)
+        payload = {"round": round_number, "state_dict": state, "ledger": ledger.to_dict(), "config_hash": cfg_hash}
+        target = self.checkpoints / f"round_{round_number:03d}.pt"
+        tmp = target.with_suffix(".tmp")
+        torch.save(payload, tmp)
+        os.replace(tmp, target)
+
+    def latest_checkpoint(self) -> Path | None:
+        found = sorted(self.checkpoints.glob("round_*.pt")) if self.checkpoints.exists() else []
+        return found[-1] if found else None
+
+    def resume(self, cfg_hash: str) -> tuple[int, dict, Ledger]:
+        """The last completed round, its global weights and ledger; metrics after it are dropped."""
+        latest = self.latest_checkpoint()
+        if latest is None:
+            raise FileNotFoundError(f"{self.path}: no checkpoint to resume from")
+        payload = torch.load(latest, map_location="cpu", weights_only=True)
+        if payload["config_hash"] != cfg_hash:
+            raise ValueError(
+                f"{latest}: this run was made with a different consortium config "
+                f"(hash {payload['config_hash']}, now {cfg_hash}); resume with the same config or start a new run dir"
+            )
+        done = int(payload["round"])
+        self._drop_metrics_after(done)
+        return done, payload["state_dict"], Ledger.from_dict(payload["ledger"])
+
+    def _drop_metrics_after(self, round_number: int) -> None:
+        if not self.metrics.exists():
+            return
+        kept = []
+        for raw in self.metrics.read_text().splitlines():
+            try:
+                if json.loads(raw)["round"] <= round_number:
+                    kept.append(raw)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a line cut short when the server was killed
+        _atomic_write(self.metrics, "".join(line + "\n" for line in kept))
+
+
+def load_state(path: Path) -> dict:
+    """Weights from a checkpoint of ours or a plain saved state dict (base_checkpoint)."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    return payload["state_dict"] if isinstance(payload, dict) and "state_dict" in payload else payload
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,96 @@
+"""`fl-sim`: the whole consortium on one machine with Flower's simulation engine.
+
+Each site of the consortium YAML becomes a simulated SuperNode running our ClientApp on its
+own site config; the ServerApp is the same round loop a deployed server runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from shared.flower_env import apply_flower_env
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="fl-sim", description=__doc__.splitlines()[0])
+    parser.add_argument("--consortium", required=True, type=Path, help="consortium YAML (e.g. sites/demo/consortium.yaml)")
+    parser.add_argument("--run-dir", type=Path, help="where the run is written (default: run_dir of the YAML)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="CPU cores the simulation may use")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    apply_flower_env()
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    from shared.config import ConfigError, load_consortium, load_consortium_sites
+
+    try:
+        cfg = load_consortium(args.consortium)
+        sites = load_consortium_sites(cfg)
+    except ConfigError as exc:
+        print(f"fl-sim: {exc}", file=sys.stderr)
+        return 2
+    channels = {s.channels for s in sites}
+    if len(channels) > 1:
+        print(f"fl-sim: {args.consortium}: sites disagree on image channels {sorted(channels)}; one model needs one", file=sys.stderr)
+        return 2
+    run_dir = (args.run_dir or cfg.run_dir).resolve()
+    if not args.resume and (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
+        print(f"fl-sim: {run_dir} already holds a run: pass --resume, or another --run-dir", file=sys.stderr)
+        return 2
+    return run(cfg, sites, run_dir, args.resume, args.cpus)
+
+
+def run(cfg, sites, run_dir: Path, resume: bool, cpus: int) -> int:
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    from fl_client.client_app import app as client_app
+    from fl_server.federation import run_federation
+    from fl_server.report import build_report, round_table
+
+    extra = {"sim-sites": [str(s.source_file) for s in sites], "sim-run-dir": str(run_dir),
+             "in-channels": sites[0].channels}
+    failure: list[BaseException] = []
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid, context):
+        try:
+            run_federation(grid, cfg, run_dir, resume=resume, extra_config=extra,
+                           on_round=lambda lines: print(round_table(lines), flush=True))
+        except BaseException as exc:  # surfaced after the simulation engine shuts down
+            failure.append(exc)
+            raise
+
+    print(f"fl-sim: {cfg.name}: {len(sites)} sites, {cfg.supervised.rounds} supervised + "
+          f"{cfg.preference.rounds} preference rounds -> {run_dir}", flush=True)
+    per_site = max(1, cpus // len(sites))
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=len(sites),
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": max(1, cpus), "include_dashboard": False, "log_to_driver": True,
+                          "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(per_site)}}},
+        },
+    )
+    if failure:
+        print(f"fl-sim: the run stopped: {failure[0]}", file=sys.stderr)
+        return 1
+    report = build_report(run_dir)
+    print(f"fl-sim: done. Report: {report}\n        Ledger: fl-server status {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

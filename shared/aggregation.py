@@ -1,0 +1,75 @@
+"""Checking and averaging site updates (DESIGN.md section 4), over plain torch state dicts.
+
+An update is rejected, never averaged in, when its keys or shapes differ from the global
+model's, when it holds NaN or Inf, or when the norm of its change is more than `factor` times
+the median change of the round (a site that diverged or sends garbage).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+State = Mapping[str, torch.Tensor]
+
+
+def update_problem(update: State, reference: State) -> str | None:
+    """Why this update cannot be averaged with the global model, or None if it can."""
+    missing = [k for k in reference if k not in update]
+    if missing:
+        return f"missing weight {missing[0]!r}"
+    extra = [k for k in update if k not in reference]
+    if extra:
+        return f"unexpected weight {extra[0]!r}"
+    for key, ref in reference.items():
+        value = update[key]
+        if tuple(value.shape) != tuple(ref.shape):
+            return f"weight {key!r} has shape {tuple(value.shape)}, expected {tuple(ref.shape)}"
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            return f"weight {key!r} holds NaN or Inf"
+    return None
+
+
+def update_norm(update: State, reference: State) -> float:
+    """L2 norm of the change an update makes to the global model."""
+    total = 0.0
+    for key, ref in reference.items():
+        if ref.is_floating_point():
+            total += float((update[key].double() - ref.double()).pow(2).sum())
+    return total ** 0.5
+
+
+def norm_outliers(norms: Mapping[str, float], factor: float) -> set[str]:
+    """Sites whose change norm exceeds `factor` x the median norm of the round.
+
+    Needs at least three updates: with two, neither can be told to be the odd one out.
+    """
+    if len(norms) < 3:
+        return set()
+    median = float(torch.tensor(list(norms.values()), dtype=torch.float64).median())
+    if median <= 0:
+        return set()
+    return {site for site, norm in norms.items() if norm > factor * median}
+
+
+def weighted_average(updates: Sequence[State], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+    """Weighted mean of state dicts, accumulated in float64 and cast back to each dtype.
+
+    Integer buffers (counters) are taken from the first update instead of averaged.
+    """
+    if not updates or len(updates) != len(weights):
+        raise ValueError(f"need one weight per update, got {len(updates)} updates and {len(weights)} weights")
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError("the aggregation weights sum to zero: nothing to average")
+    averaged = {}
+    for key, first in updates[0].items():
+        if not first.is_floating_point():
+            averaged[key] = first.clone()
+            continue
+        acc = torch.zeros_like(first, dtype=torch.float64)
+        for update, weight in zip(updates, weights):
+            acc += update[key].double() * (weight / total)
+        averaged[key] = acc.to(first.dtype)
+    return averaged

@@ -1,0 +1,134 @@
+"""What a site does with one message: train a round or evaluate, on its own data.
+
+This is the task layer between the Flower ClientApp (or `fl-client local`) and the engine:
+it loads the site's data and judge, builds the model from the consortium's model settings,
+runs the engine, and returns the new weights with aggregate numbers only. It keeps no state in
+memory between calls: the learned judge and anything else that lasts lives in the site's
+work_dir, because in deployment every message runs in a fresh process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+
+from shared.config import ModelConfig, PreferenceConfig, SiteConfig, SupervisedConfig
+from shared.data import SplitData, load_site_data
+from shared.evaluation import evaluate
+from shared.judges import build_judge
+from shared.model import build_model, resolve_device, seed_everything
+from shared.training import RoundResult, prepare_learned_judge, preference_round, supervised_round
+
+log = logging.getLogger(__name__)
+
+
+def model_from_config(model_cfg: ModelConfig, in_channels: int) -> torch.nn.Module:
+    return build_model(
+        model_cfg.name,
+        in_channels=in_channels,
+        channels=model_cfg.channels,
+        strides=model_cfg.strides,
+        num_res_units=model_cfg.num_res_units,
+        dropout=model_cfg.dropout,
+    )
+
+
+def load_model(model_cfg: ModelConfig, in_channels: int, state: Mapping[str, torch.Tensor] | None):
+    model = model_from_config(model_cfg, in_channels)
+    if state is not None:
+        model.load_state_dict(state)
+    return model
+
+
+def site_judge(site: SiteConfig, splits: dict[str, SplitData], model_cfg: ModelConfig,
+               supervised: SupervisedConfig, preference: PreferenceConfig, device, seed: int = 0,
+               progress=None):
+    """The site's judge; the learned one is trained on first use and kept in work_dir."""
+    if site.judge.kind == "learned":
+        return prepare_learned_judge(
+            site.judge, site.work_dir, splits["labeled"],
+            lambda: model_from_config(model_cfg, site.channels),
+            supervised, preference.proposals, device, progress, seed=site.judge.seed,
+        )
+    # a fresh judge every round (fresh process in deployment): vary its noise seed by round
+    return build_judge(dataclasses.replace(site.judge, seed=site.judge.seed + seed), site.work_dir, site=site.name)
+
+
+def train_round(
+    site: SiteConfig,
+    model_cfg: ModelConfig,
+    phase: str,
+    state: Mapping[str, torch.Tensor],
+    supervised: SupervisedConfig,
+    preference: PreferenceConfig,
+    seed: int,
+    splits: dict[str, SplitData] | None = None,
+    progress: Callable | None = None,
+) -> tuple[dict[str, torch.Tensor], RoundResult]:
+    """One local round from the received global weights; returns new weights and numbers."""
+    if phase not in ("supervised", "preference"):
+        raise ValueError(f"unknown phase {phase!r}: expected supervised or preference")
+    seed_everything(seed)
+    device = resolve_device(site.device)
+    splits = splits or load_site_data(site)
+    model = load_model(model_cfg, site.channels, state).to(device)
+    if phase == "supervised":
+        result = supervised_round(model, splits["labeled"], supervised, device, seed, progress)
+    else:
+        judge = site_judge(site, splits, model_cfg, supervised, preference, device, seed, progress)
+        result = preference_round(
+            model, splits["unlabeled"], splits["calibration"], splits["labeled"],
+            judge, preference, device, seed, progress,
+        )
+    result.metrics["skipped_files"] = float(sum(len(s.skipped) for s in splits.values()))
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return weights, result
+
+
+def evaluate_round(site: SiteConfig, model_cfg: ModelConfig, state: Mapping[str, torch.Tensor],
+                   splits: dict[str, SplitData] | None = None) -> dict:
+    """Dice and HD95 of the received model on the site's held-out test split."""
+    device = resolve_device(site.device)
+    splits = splits or load_site_data(site, splits=("test",))
+    model = load_model(model_cfg, site.channels, state).to(device)
+    return evaluate(model, splits["test"], device)
+
+
+def save_overlays(pairs, images: torch.Tensor | None, out_dir: Path, site_name: str, round_number: int,
+                  limit: int = 3) -> list[Path]:
+    """Chosen (green) vs rejected (red) mask outlines on calibration images, as PNGs.
+
+    Made at the site. Only a simulation writes them into the shared run directory; a deployed
+    site never sends them anywhere.
+    """
+    if pairs is None or len(pairs) == 0 or images is None:
+        return []
+    from PIL import Image
+    import numpy as np
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i in range(min(limit, len(pairs))):
+        image = images[int(pairs.image_index[i]), 0].numpy()
+        lo, hi = np.percentile(image, [1, 99])
+        gray = np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1)
+        rgb = np.stack([gray] * 3, -1)
+        chosen = pairs.chosen[i, 0].numpy().astype(bool)
+        rejected = pairs.rejected[i, 0].numpy().astype(bool)
+        rgb[_outline(chosen)] = (0.1, 0.9, 0.2)
+        rgb[_outline(rejected)] = (0.95, 0.15, 0.1)
+        path = out_dir / f"{site_name}_round{round_number:03d}_{i}.png"
+        Image.fromarray((rgb * 255).astype("uint8")).resize((256, 256), Image.NEAREST).save(path)
+        written.append(path)
+    return written
+
+
+def _outline(mask):
+    import numpy as np
+    from scipy.ndimage import binary_erosion
+
+    return mask & ~binary_erosion(mask, np.ones((3, 3), bool))

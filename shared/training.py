@@ -1,0 +1,269 @@
+"""One round of local training at a site: supervised warm-up or a preference round.
+
+`preference_round` is DESIGN.md section 3 end to end: proposals from the received model (which
+is also the frozen reference), judge scores, mined pairs, N optimizer steps of RN-DPO (or DPO,
+pseudo-labelling, entropy minimisation), and the judge's reliability on the calibration split.
+It returns only aggregate numbers; the weights stay in the model the caller passed in.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from shared.config import JudgeConfig, MiningConfig, PreferenceConfig, ProposalConfig, SupervisedConfig
+from shared.data import SplitData
+from shared.losses import dpo_loss, entropy_loss, preference_stats, rn_dpo_loss, supervised_loss
+from shared.mining import MinedPairs, gather_pairs, mine_pairs, mine_split
+from shared.model import autocast
+from shared.proposals import generate_proposals
+from shared.reliability import dice_scores, reliability_report
+
+log = logging.getLogger(__name__)
+
+PAIR_LOSSES = {"rn_dpo": rn_dpo_loss, "dpo": dpo_loss}
+
+
+@dataclass
+class RoundResult:
+    """What a round reports: the example count FedAvg weighs by, and aggregate metrics."""
+
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    pairs: MinedPairs | None = None  # stays at the site: used for local overlays, never sent
+
+
+def supervised_round(
+    model: torch.nn.Module,
+    labeled: SplitData,
+    cfg: SupervisedConfig,
+    device: torch.device,
+    seed: int = 0,
+    progress: Callable | None = None,
+) -> RoundResult:
+    """`cfg.steps` DiceCE steps on random flipped batches of the labelled split."""
+    _require_masks(labeled, "labeled")
+    generator = torch.Generator().manual_seed(seed)
+    model.to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    loss_fn = supervised_loss()
+    losses = []
+    for _ in _steps(cfg.steps, progress, "supervised"):
+        idx = torch.randint(len(labeled.names), (min(cfg.batch_size, len(labeled.names)),), generator=generator)
+        images, masks = _random_flips(labeled.images[idx], labeled.masks[idx].float(), generator)
+        with autocast(device):
+            logits = model(images.to(device))
+        loss = loss_fn(logits.float(), masks.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return RoundResult(
+        num_examples=len(labeled.names),
+        metrics={"loss": float(np.mean(losses[-10:])), "steps": cfg.steps},
+    )
+
+
+def calibration_reliability(
+    model: torch.nn.Module,
+    calibration: SplitData,
+    judge,
+    mining: MiningConfig,
+    proposals_cfg: ProposalConfig,
+    device: torch.device,
+    seed: int = 0,
+) -> tuple[dict, MinedPairs | None]:
+    """Judge the model's proposals on the calibration split exactly as on unlabelled data,
+    mine pairs the same way, and compare with ground truth (DESIGN.md section 3, step 5)."""
+    _require_masks(calibration, "calibration")
+    if len(calibration.names) == 0:
+        return reliability_report(torch.zeros(0, 1), torch.zeros(0, 1), torch.zeros(0, 3, dtype=torch.long)), None
+    proposals = generate_proposals(model, calibration.images, proposals_cfg, device, seed=seed)
+    scores = judge.score(calibration.images, proposals, calibration.masks)
+    pairs = mine_pairs(scores, proposals.masks, mining)
+    true_dice = dice_scores(proposals.masks, calibration.masks)
+    return reliability_report(scores, true_dice, pairs), gather_pairs(proposals, pairs, scores=scores)
+
+
+def preference_round(
+    model: torch.nn.Module,
+    unlabeled: SplitData,
+    calibration: SplitData,
+    labeled: SplitData | None,
+    judge,
+    cfg: PreferenceConfig,
+    device: torch.device,
+    seed: int = 0,
+    progress: Callable | None = None,
+) -> RoundResult:
+    """Proposals -> judge -> mining -> `cfg.steps` preference steps -> reliability.
+
+    The model passed in is the received global model: its eval-mode logits, cached with each
+    pair at mining, are the frozen DPO reference, so the reference never runs inside a step.
+    Steps run with dropout off (eval mode) so that policy and reference agree at step 0.
+    """
+    model.to(device)
+    reliability, calib_pairs = calibration_reliability(
+        model, calibration, judge, cfg.mining, cfg.proposals, device, seed
+    )
+    metrics = {f"rel_{k}": float(v) for k, v in reliability.items()}
+    if cfg.method == "none":
+        return RoundResult(num_examples=0, metrics={**metrics, "pairs_used": 0})
+
+    pool = _limit(unlabeled, cfg.max_unlabeled)
+    pairs, mining_stats = mine_split(
+        model, pool.images, judge, cfg.mining, cfg.proposals, device,
+        truth=pool.masks, seed=seed,
+    )
+    metrics.update({f"mining_{k}": float(v) for k, v in mining_stats.items() if _is_number(v)})
+    metrics["pairs_used"] = len(pairs)
+    if cfg.method != "entropy" and len(pairs) == 0:
+        log.warning("no preference pairs survived mining: the model is left unchanged this round")
+        return RoundResult(num_examples=0, metrics=metrics, pairs=calib_pairs)
+
+    train_stats = _preference_steps(model, pool, labeled, pairs, cfg, device, seed, progress)
+    metrics.update(train_stats)
+    examples = len(pairs) if cfg.method != "entropy" else len(pool.names)
+    return RoundResult(num_examples=examples, metrics=metrics, pairs=calib_pairs)
+
+
+def _preference_steps(model, pool: SplitData, labeled, pairs: MinedPairs, cfg: PreferenceConfig,
+                      device, seed: int, progress) -> dict:
+    generator = torch.Generator().manual_seed(seed + 1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    sup_loss_fn = supervised_loss()
+    use_anchor = cfg.lambda_sup > 0 and labeled is not None and len(labeled.names) > 0
+    model.eval()  # dropout off: the cached reference logits were made in eval mode
+    history: dict[str, list[float]] = {"loss": [], "pref_loss": [], "sup_loss": [], "margin": [], "reward_acc": []}
+    for _ in _steps(cfg.steps, progress, cfg.method):
+        batch, images, n_pool = _step_inputs(pool, pairs, cfg, generator)
+        if use_anchor:
+            sup_idx = torch.randint(len(labeled.names), (min(cfg.batch_pairs, len(labeled.names)),), generator=generator)
+            sup_images, sup_masks = _random_flips(labeled.images[sup_idx], labeled.masks[sup_idx].float(), generator)
+            images = torch.cat([images, sup_images])
+        with autocast(device):
+            logits = model(images.to(device))
+        logits = logits.float()
+        pref = _method_loss(cfg, logits[:n_pool], batch, pairs, device, history)
+        loss = pref
+        if use_anchor:
+            sup = sup_loss_fn(logits[n_pool:], sup_masks.to(device))
+            loss = pref + cfg.lambda_sup * sup
+            history["sup_loss"].append(sup.item())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        history["loss"].append(loss.item())
+        history["pref_loss"].append(pref.item())
+    return {k: float(np.mean(v)) for k, v in history.items() if v} | {"steps": cfg.steps}
+
+
+def _step_inputs(pool: SplitData, pairs: MinedPairs, cfg: PreferenceConfig, generator):
+    """Sample a batch; return (batch info, the unique images to forward, their count).
+
+    For pair methods, one forward per unique image serves every pair of that image.
+    """
+    if cfg.method == "entropy":
+        idx = torch.randint(len(pool.names), (min(cfg.batch_pairs, len(pool.names)),), generator=generator)
+        return None, pool.images[idx], len(idx)
+    pair_idx = torch.randint(len(pairs), (min(cfg.batch_pairs, len(pairs)),), generator=generator)
+    unique_images, inverse = pairs.image_index[pair_idx].unique(return_inverse=True)
+    return (pair_idx, inverse), pool.images[unique_images], len(unique_images)
+
+
+def _method_loss(cfg: PreferenceConfig, logits, batch, pairs: MinedPairs, device, history) -> torch.Tensor:
+    if cfg.method == "entropy":
+        return entropy_loss(logits)
+    pair_idx, inverse = batch
+    policy = logits[inverse]
+    chosen = pairs.chosen[pair_idx].to(device)
+    if cfg.method == "pseudo_label":
+        return supervised_loss()(policy, chosen.float())
+    ref = pairs.ref_logits[pair_idx].to(device)
+    rejected = pairs.rejected[pair_idx].to(device)
+    loss = PAIR_LOSSES[cfg.method](policy, ref, chosen, rejected, cfg.beta)
+    stats = preference_stats(policy.detach(), ref, chosen, rejected)
+    history["margin"].append(stats["norm_margin"])
+    history["reward_acc"].append(stats["reward_acc"])
+    return loss
+
+
+def prepare_learned_judge(judge_cfg: JudgeConfig, work_dir, labeled: SplitData, model_factory: Callable,
+                          supervised: SupervisedConfig, proposals_cfg: ProposalConfig,
+                          device: torch.device, progress: Callable | None = None, seed: int = 0):
+    """Train the site's learned judge once on out-of-fold proposals, or load it from work_dir.
+
+    k segmenters, each trained on k-1 folds of the labelled split, propose masks for the fold
+    they never saw (DESIGN.md: in-sample proposals are near perfect and teach the judge nothing).
+    """
+    from shared.judges.learned import LearnedJudge, out_of_fold_indices
+
+    try:
+        return LearnedJudge.load(work_dir)
+    except FileNotFoundError:
+        pass
+    _require_masks(labeled, "labeled")
+    n = len(labeled.names)
+    oof = torch.zeros((n, proposals_cfg_k(proposals_cfg), *labeled.masks.shape[-2:]), dtype=torch.uint8)
+    for fold, (train_idx, held_idx) in enumerate(out_of_fold_indices(n, judge_cfg.folds, seed)):
+        fold_model = model_factory()
+        supervised_round(fold_model, subset(labeled, train_idx), supervised, device, seed=seed + fold, progress=progress)
+        oof[held_idx] = generate_proposals(fold_model, labeled.images[held_idx], proposals_cfg, device, seed=seed).masks
+    judge = LearnedJudge(in_channels=labeled.images.shape[1], image_size=labeled.images.shape[-1], seed=judge_cfg.seed)
+    stats = judge.fit(labeled.images, labeled.masks, oof, steps=judge_cfg.train_steps, device=device)
+    judge.save(work_dir)
+    log.info("learned judge trained at %s: %s", work_dir, stats)
+    return judge
+
+
+def proposals_cfg_k(cfg: ProposalConfig) -> int:
+    """K, the number of proposals per image a ProposalConfig yields."""
+    return len(cfg.tta) + cfg.mc_samples + len(cfg.thresholds)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _steps(n: int, progress: Callable | None, label: str):
+    return progress(range(n), label) if progress else range(n)
+
+
+def _random_flips(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator):
+    """Flip each (image, mask) pair horizontally and/or vertically at random, together."""
+    flip_h = torch.rand(len(images), generator=generator) < 0.5
+    flip_v = torch.rand(len(images), generator=generator) < 0.5
+    images, masks = images.clone(), masks.clone()
+    images[flip_h] = images[flip_h].flip(-1)
+    masks[flip_h] = masks[flip_h].flip(-1)
+    images[flip_v] = images[flip_v].flip(-2)
+    masks[flip_v] = masks[flip_v].flip(-2)
+    return images, masks
+
+
+def _limit(split: SplitData, limit: int | None) -> SplitData:
+    if limit is None or len(split.names) <= limit:
+        return split
+    return subset(split, torch.arange(limit))
+
+
+def subset(split: SplitData, index) -> SplitData:
+    """The images at `index` as a new split (copies, so the parent tensors can be freed)."""
+    index = torch.as_tensor(index, dtype=torch.long)
+    return SplitData(
+        names=[split.names[i] for i in index.tolist()],
+        images=split.images[index].clone(),
+        masks=None if split.masks is None else split.masks[index].clone(),
+    )
+
+
+def _require_masks(split: SplitData, name: str) -> None:
+    if split.masks is None:
+        raise ValueError(f"the {name} split has no masks, but this step needs ground truth")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
