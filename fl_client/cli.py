@@ -66,11 +66,9 @@ def cmd_check(args) -> int:
 
 
 def cmd_local(args) -> int:
-    import dataclasses
-
     from tqdm import tqdm
 
-    from shared.config import ConsortiumConfig, PreferenceConfig, SupervisedConfig, ModelConfig, load_consortium, load_site
+    from shared.config import ModelConfig, PreferenceConfig, SupervisedConfig, load_consortium, load_site
     from shared.data import load_site_data
     from shared.site import evaluate_round, load_model, train_round
     from fl_server.run_dir import load_state
@@ -80,7 +78,7 @@ def cmd_local(args) -> int:
         cfg = load_consortium(args.consortium)
         model_cfg, supervised, preference = cfg.model, cfg.supervised, cfg.preference
     else:
-        model_cfg, supervised, preference = ModelConfig(), SupervisedConfig(), PreferenceConfig()
+        model_cfg, supervised, preference = ModelConfig(in_channels=site.channels), SupervisedConfig(), PreferenceConfig()
     warmup = args.supervised_rounds if args.supervised_rounds is not None else supervised.rounds
     splits = load_site_data(site)
     for name, split in splits.items():
@@ -89,7 +87,7 @@ def cmd_local(args) -> int:
     def progress(steps, label):
         return tqdm(steps, desc=f"  {label}", leave=False, file=sys.stderr, disable=None)
 
-    state = load_state(args.checkpoint) if args.checkpoint else load_model(model_cfg, site.channels, None).state_dict()
+    state = load_state(args.checkpoint) if args.checkpoint else load_model(model_cfg).state_dict()
     if args.checkpoint:
         warmup = 0
     print(f"{'round':>5} {'phase':11s} {'test dice':>9} {'hd95':>7} {'pairs':>6} {'pair_acc':>8} {'spearman':>8} {'gain':>7}")

@@ -162,9 +162,8 @@ def run_federation(
         sites = load_consortium_sites(cfg) if extra_config and "sim-sites" in extra_config else None
         run.start(cfg, sites)
         ledger, done = Ledger(), 0
-        channels = sites[0].channels if sites else int((extra_config or {}).get("in-channels", 1))
         torch.manual_seed(cfg.seed)
-        model = model_from_config(cfg.model, channels)
+        model = model_from_config(cfg.model)
         if cfg.base_checkpoint is not None:
             model.load_state_dict(load_state(cfg.base_checkpoint))
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}

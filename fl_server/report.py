@@ -291,7 +291,7 @@ def _round_row(record: dict) -> list[str]:
         _fmt(_get(record, "eval", "dice")),
         _fmt(_get(record, "eval", "hd95")),
         _fmt(_get(record, "train", "rel_pair_accuracy")),
-        _fmt(_get(record, "train", "pairs_used")),
+        _fmt(_as_int(_get(record, "train", "pairs_used"))),
         _fmt(record.get("weight")),
         _fmt(record.get("state")),
     ]
@@ -638,3 +638,9 @@ def build_report(run_dir: str | os.PathLike) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return target
+
+
+def _as_int(value):
+    """Counts travel as floats in Flower's MetricRecord; show them as whole numbers."""
+    number = _number(value)
+    return None if number is None else int(number)

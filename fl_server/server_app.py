@@ -21,6 +21,5 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     cfg = load_consortium(str(context.run_config["consortium"]))
     run_dir = Path(str(context.run_config.get("run-dir") or cfg.run_dir))
-    extra = {"in-channels": int(context.run_config.get("in-channels", 1))}
     run_federation(grid, cfg, run_dir, resume=bool(context.run_config.get("resume", False)),
-                   extra_config=extra, on_round=lambda lines: print(round_table(lines), flush=True))
+                   on_round=lambda lines: print(round_table(lines), flush=True))

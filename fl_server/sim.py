@@ -27,8 +27,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     apply_flower_env()
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("flwr").propagate = False  # Flower prints its own INFO lines; no DEBUG echo
 
     from shared.config import ConfigError, load_consortium, load_consortium_sites
 
@@ -37,10 +38,6 @@ def main(argv=None) -> int:
         sites = load_consortium_sites(cfg)
     except ConfigError as exc:
         print(f"fl-sim: {exc}", file=sys.stderr)
-        return 2
-    channels = {s.channels for s in sites}
-    if len(channels) > 1:
-        print(f"fl-sim: {args.consortium}: sites disagree on image channels {sorted(channels)}; one model needs one", file=sys.stderr)
         return 2
     run_dir = (args.run_dir or cfg.run_dir).resolve()
     if not args.resume and (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
@@ -57,8 +54,7 @@ def run(cfg, sites, run_dir: Path, resume: bool, cpus: int) -> int:
     from fl_server.federation import run_federation
     from fl_server.report import build_report, round_table
 
-    extra = {"sim-sites": [str(s.source_file) for s in sites], "sim-run-dir": str(run_dir),
-             "in-channels": sites[0].channels}
+    extra = {"sim-sites": [str(s.source_file) for s in sites], "sim-run-dir": str(run_dir)}
     failure: list[BaseException] = []
     server_app = ServerApp()
 
@@ -73,17 +69,21 @@ def run(cfg, sites, run_dir: Path, resume: bool, cpus: int) -> int:
 
     print(f"fl-sim: {cfg.name}: {len(sites)} sites, {cfg.supervised.rounds} supervised + "
           f"{cfg.preference.rounds} preference rounds -> {run_dir}", flush=True)
-    per_site = max(1, cpus // len(sites))
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=len(sites),
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": max(1, cpus), "include_dashboard": False, "log_to_driver": True,
-                          "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(per_site)}}},
-        },
-    )
+    # Sites train in parallel, one core each; their torch threads must not oversubscribe.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=len(sites),
+            backend_config={
+                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                "init_args": {"num_cpus": max(1, cpus), "include_dashboard": False},
+            },
+        )
+    except RuntimeError as exc:
+        print(f"fl-sim: the simulation engine failed: {exc.__cause__ or exc}", file=sys.stderr, flush=True)
+        os._exit(1)  # the ServerApp thread may still be waiting on sites that will never answer
     if failure:
         print(f"fl-sim: the run stopped: {failure[0]}", file=sys.stderr)
         return 1

@@ -123,6 +123,20 @@ class JudgeConfig:
 
 
 @dataclass(frozen=True)
+class DeploymentConfig:
+    """Deployment only: how this site's SuperNode reaches the consortium server.
+
+    The operator hands each site the CA certificate and the site's private key (made by
+    `fl-server provision`); `port` is the local port of this site's ClientApp API.
+    """
+
+    superlink: str
+    ca_cert: Path
+    private_key: Path
+    port: int = field(default=9094, metadata=_positive)
+
+
+@dataclass(frozen=True)
 class SiteConfig:
     name: str
     data: DataConfig
@@ -131,6 +145,7 @@ class SiteConfig:
     channels: int = field(default=1, metadata=_check(lambda v: v in (1, 3), "must be 1 or 3"))
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     device: str = field(default="auto", metadata=_choice(*DEVICES))
+    deployment: DeploymentConfig | None = None
     source_file: Path | None = field(default=None, metadata={"internal": True})
 
 
@@ -140,6 +155,7 @@ class SiteConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = field(default="unet", metadata=_choice(*MODELS))
+    in_channels: int = field(default=1, metadata=_check(lambda v: v in (1, 3), "must be 1 or 3"))
     channels: tuple[int, ...] = (16, 32, 64, 128)
     strides: tuple[int, ...] = (2, 2, 2)
     num_res_units: int = field(default=2, metadata=_non_negative)
@@ -205,18 +221,20 @@ class FederationConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """Deployment only: where the SuperLink listens and what its certificate names."""
+    """Deployment only: where the SuperLink listens, what its certificate names, which sites
+    get keys (default: the names of the site YAMLs listed under `sites`)."""
 
+    sites: tuple[str, ...] = ()
     hosts: tuple[str, ...] = ("127.0.0.1", "localhost")
     address: str = "0.0.0.0"
-    port: int = field(default=9092, metadata=_positive)
+    port: int = field(default=8000, metadata=_positive)
 
 
 @dataclass(frozen=True)
 class ConsortiumConfig:
     name: str
-    sites: tuple[Path, ...]
     run_dir: Path
+    sites: tuple[Path, ...] = ()
     seed: int = 0
     base_checkpoint: Path | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -248,10 +266,18 @@ def load_consortium(path: str | os.PathLike) -> ConsortiumConfig:
 
 
 def load_consortium_sites(cfg: ConsortiumConfig) -> list[SiteConfig]:
-    """Load every site YAML the consortium lists (simulation), checking names are unique."""
+    """Load every site YAML the consortium lists (simulation), checking names are unique
+    and that every site's image channels match the model's."""
+    if not cfg.sites:
+        raise ConfigError(f"{cfg.source_file}: sites: a simulation needs the site YAMLs listed under sites")
     sites = [load_site(p) for p in cfg.sites]
     seen: dict[str, Path] = {}
     for index, site in enumerate(sites):
+        if site.channels != cfg.model.in_channels:
+            raise ConfigError(
+                f"{site.source_file}: channels: {site.channels} does not match model.in_channels "
+                f"({cfg.model.in_channels}) in {cfg.source_file}"
+            )
         if site.name in seen:
             raise ConfigError(
                 f"{cfg.source_file}: sites[{index}]: site name '{site.name}' is used by both "
@@ -306,13 +332,30 @@ class _Context:
         return ConfigError(f"{self.file}: {where}{message}")
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice in the same mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> dict:
     try:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark else ""
@@ -405,8 +448,9 @@ _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 def _resolve_path(text: str, key: str, ctx: _Context) -> Path:
     def substitute(match):
         name, default = match.group(1), match.group(2)
-        if name in os.environ:
-            return os.environ[name]
+        value = os.environ.get(name)
+        if value or (value is not None and default is None):  # `${VAR:-d}`: d when unset or empty, as in sh
+            return value
         if default is not None:
             return default
         raise ctx.error(key, f"environment variable {name} is not set (needed by {text!r})")
@@ -443,6 +487,8 @@ def _check_site(cfg: SiteConfig, path: Path) -> None:
     else:
         if data.split is not None:
             raise ctx.error("data.split", "only applies with data.source")
+        if data.groups is not None:
+            raise ctx.error("data.groups", "only applies with data.source (the four split folders are used as they are)")
         missing = [s for s in SPLITS if explicit[s] is None]
         if missing:
             raise ctx.error(f"data.{missing[0]}", "is required (or give data.source and data.split)")
@@ -461,8 +507,8 @@ def _check_site(cfg: SiteConfig, path: Path) -> None:
 
 def _check_consortium(cfg: ConsortiumConfig, path: Path) -> None:
     ctx = _Context(path)
-    if not cfg.sites:
-        raise ctx.error("sites", "list at least one site YAML")
+    if not cfg.sites and not cfg.server.sites:
+        raise ctx.error("sites", "list at least one site YAML (simulation) or name sites under server.sites (deployment)")
     if len(cfg.model.strides) != len(cfg.model.channels) - 1:
         raise ctx.error(
             "model.strides",

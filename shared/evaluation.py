@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
@@ -26,11 +27,13 @@ def evaluate(model: torch.nn.Module, split: SplitData, device: torch.device, bat
     truth = split.masks.to(torch.uint8)
 
     dice = DiceMetric(include_background=True, reduction="none", ignore_empty=False)(pred, truth)
-    both_present = (pred.flatten(1).any(1) & truth.flatten(1).any(1))
+    both_present = pred.flatten(1).bool().any(1) & truth.flatten(1).bool().any(1)
     hd = torch.full((len(pred),), float("nan"))
     if both_present.any():
         hd_metric = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")
-        hd[both_present] = hd_metric(pred[both_present], truth[both_present]).flatten().float()
+        with warnings.catch_warnings():  # MONAI 1.6 warns about its own internal argument
+            warnings.simplefilter("ignore", FutureWarning)
+            hd[both_present] = hd_metric(pred[both_present], truth[both_present]).flatten().float()
     finite = torch.isfinite(hd)
     return {
         "dice": float(dice.mean()),

@@ -26,10 +26,10 @@ from shared.training import RoundResult, prepare_learned_judge, preference_round
 log = logging.getLogger(__name__)
 
 
-def model_from_config(model_cfg: ModelConfig, in_channels: int) -> torch.nn.Module:
+def model_from_config(model_cfg: ModelConfig) -> torch.nn.Module:
     return build_model(
         model_cfg.name,
-        in_channels=in_channels,
+        in_channels=model_cfg.in_channels,
         channels=model_cfg.channels,
         strides=model_cfg.strides,
         num_res_units=model_cfg.num_res_units,
@@ -37,8 +37,8 @@ def model_from_config(model_cfg: ModelConfig, in_channels: int) -> torch.nn.Modu
     )
 
 
-def load_model(model_cfg: ModelConfig, in_channels: int, state: Mapping[str, torch.Tensor] | None):
-    model = model_from_config(model_cfg, in_channels)
+def load_model(model_cfg: ModelConfig, state: Mapping[str, torch.Tensor] | None = None):
+    model = model_from_config(model_cfg)
     if state is not None:
         model.load_state_dict(state)
     return model
@@ -51,7 +51,7 @@ def site_judge(site: SiteConfig, splits: dict[str, SplitData], model_cfg: ModelC
     if site.judge.kind == "learned":
         return prepare_learned_judge(
             site.judge, site.work_dir, splits["labeled"],
-            lambda: model_from_config(model_cfg, site.channels),
+            lambda: model_from_config(model_cfg),
             supervised, preference.proposals, device, progress, seed=site.judge.seed,
         )
     # a fresh judge every round (fresh process in deployment): vary its noise seed by round
@@ -72,10 +72,11 @@ def train_round(
     """One local round from the received global weights; returns new weights and numbers."""
     if phase not in ("supervised", "preference"):
         raise ValueError(f"unknown phase {phase!r}: expected supervised or preference")
+    _check_channels(site, model_cfg)
     seed_everything(seed)
     device = resolve_device(site.device)
     splits = splits or load_site_data(site)
-    model = load_model(model_cfg, site.channels, state).to(device)
+    model = load_model(model_cfg, state).to(device)
     if phase == "supervised":
         result = supervised_round(model, splits["labeled"], supervised, device, seed, progress)
     else:
@@ -92,10 +93,19 @@ def train_round(
 def evaluate_round(site: SiteConfig, model_cfg: ModelConfig, state: Mapping[str, torch.Tensor],
                    splits: dict[str, SplitData] | None = None) -> dict:
     """Dice and HD95 of the received model on the site's held-out test split."""
+    _check_channels(site, model_cfg)
     device = resolve_device(site.device)
     splits = splits or load_site_data(site, splits=("test",))
-    model = load_model(model_cfg, site.channels, state).to(device)
+    model = load_model(model_cfg, state).to(device)
     return evaluate(model, splits["test"], device)
+
+
+def _check_channels(site: SiteConfig, model_cfg: ModelConfig) -> None:
+    if site.channels != model_cfg.in_channels:
+        raise ValueError(
+            f"{site.source_file}: channels: the site reads {site.channels}-channel images but the "
+            f"consortium's model takes {model_cfg.in_channels} (model.in_channels)"
+        )
 
 
 def save_overlays(pairs, images: torch.Tensor | None, out_dir: Path, site_name: str, round_number: int,

@@ -55,13 +55,7 @@ def supervised_round(
     for _ in _steps(cfg.steps, progress, "supervised"):
         idx = torch.randint(len(labeled.names), (min(cfg.batch_size, len(labeled.names)),), generator=generator)
         images, masks = _random_flips(labeled.images[idx], labeled.masks[idx].float(), generator)
-        with autocast(device):
-            logits = model(images.to(device))
-        loss = loss_fn(logits.float(), masks.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+        losses.append(supervised_step(model, optimizer, loss_fn, images, masks, device))
     return RoundResult(
         num_examples=len(labeled.names),
         metrics={"loss": float(np.mean(losses[-10:])), "steps": cfg.steps},
@@ -140,42 +134,79 @@ def _preference_steps(model, pool: SplitData, labeled, pairs: MinedPairs, cfg: P
     model.eval()  # dropout off: the cached reference logits were made in eval mode
     history: dict[str, list[float]] = {"loss": [], "pref_loss": [], "sup_loss": [], "margin": [], "reward_acc": []}
     for _ in _steps(cfg.steps, progress, cfg.method):
-        batch, images, n_pool = _step_inputs(pool, pairs, cfg, generator)
+        batch, images = _step_inputs(pool, pairs, cfg, generator)
+        anchor = None
         if use_anchor:
             sup_idx = torch.randint(len(labeled.names), (min(cfg.batch_pairs, len(labeled.names)),), generator=generator)
-            sup_images, sup_masks = _random_flips(labeled.images[sup_idx], labeled.masks[sup_idx].float(), generator)
-            images = torch.cat([images, sup_images])
-        with autocast(device):
-            logits = model(images.to(device))
-        logits = logits.float()
-        pref = _method_loss(cfg, logits[:n_pool], batch, pairs, device, history)
-        loss = pref
-        if use_anchor:
-            sup = sup_loss_fn(logits[n_pool:], sup_masks.to(device))
-            loss = pref + cfg.lambda_sup * sup
-            history["sup_loss"].append(sup.item())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        history["loss"].append(loss.item())
-        history["pref_loss"].append(pref.item())
+            anchor = _random_flips(labeled.images[sup_idx], labeled.masks[sup_idx].float(), generator)
+        for key, value in preference_step(model, optimizer, cfg, images, batch, pairs, device, anchor, sup_loss_fn).items():
+            history[key].append(value)
     return {k: float(np.mean(v)) for k, v in history.items() if v} | {"steps": cfg.steps}
 
 
+def supervised_step(model, optimizer, loss_fn, images: torch.Tensor, masks: torch.Tensor, device) -> float:
+    """One supervised optimizer step: one forward of (B, C, H, W) images, loss against float
+    (B, 1, H, W) masks in float32, backward, step. Returns the loss."""
+    with autocast(device):
+        logits = model(images.to(device))
+    loss = loss_fn(logits.float(), masks.to(device))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def preference_step(model, optimizer, cfg: PreferenceConfig, images: torch.Tensor, batch, pairs: MinedPairs,
+                    device, anchor: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    sup_loss_fn=None) -> dict[str, float]:
+    """One preference optimizer step: a single forward serves the batch and the anchor.
+
+    Args:
+        images: (U, C, H, W) the unique unlabelled images of the batch (from `_step_inputs`).
+        batch: `(pair_idx, inverse)` for pair methods (pair `pair_idx[i]` belongs to image
+            `inverse[i]` of `images`), None for entropy.
+        anchor: labelled `(images (B, C, H, W), float masks (B, 1, H, W))` for the `lambda_sup`
+            term, or None; `sup_loss_fn` is its loss (a fresh `supervised_loss()` when None).
+            The cached `pairs.ref_logits` stand in for the reference model, which never runs here.
+
+    Returns:
+        the step's figures: loss, pref_loss, and sup_loss / margin / reward_acc where they apply.
+    """
+    n_pool = len(images)
+    if anchor is not None:
+        images = torch.cat([images, anchor[0]])
+    with autocast(device):
+        logits = model(images.to(device))
+    logits = logits.float()
+    stats: dict[str, float] = {}
+    pref = _method_loss(cfg, logits[:n_pool], batch, pairs, device, stats)
+    loss = pref
+    if anchor is not None:
+        sup = (sup_loss_fn or supervised_loss())(logits[n_pool:], anchor[1].to(device))
+        loss = pref + cfg.lambda_sup * sup
+        stats["sup_loss"] = sup.item()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    stats["loss"] = loss.item()
+    stats["pref_loss"] = pref.item()
+    return stats
+
+
 def _step_inputs(pool: SplitData, pairs: MinedPairs, cfg: PreferenceConfig, generator):
-    """Sample a batch; return (batch info, the unique images to forward, their count).
+    """Sample a batch; return (batch info, the unique images to forward).
 
     For pair methods, one forward per unique image serves every pair of that image.
     """
     if cfg.method == "entropy":
         idx = torch.randint(len(pool.names), (min(cfg.batch_pairs, len(pool.names)),), generator=generator)
-        return None, pool.images[idx], len(idx)
+        return None, pool.images[idx]
     pair_idx = torch.randint(len(pairs), (min(cfg.batch_pairs, len(pairs)),), generator=generator)
     unique_images, inverse = pairs.image_index[pair_idx].unique(return_inverse=True)
-    return (pair_idx, inverse), pool.images[unique_images], len(unique_images)
+    return (pair_idx, inverse), pool.images[unique_images]
 
 
-def _method_loss(cfg: PreferenceConfig, logits, batch, pairs: MinedPairs, device, history) -> torch.Tensor:
+def _method_loss(cfg: PreferenceConfig, logits, batch, pairs: MinedPairs, device, stats: dict) -> torch.Tensor:
     if cfg.method == "entropy":
         return entropy_loss(logits)
     pair_idx, inverse = batch
@@ -186,9 +217,9 @@ def _method_loss(cfg: PreferenceConfig, logits, batch, pairs: MinedPairs, device
     ref = pairs.ref_logits[pair_idx].to(device)
     rejected = pairs.rejected[pair_idx].to(device)
     loss = PAIR_LOSSES[cfg.method](policy, ref, chosen, rejected, cfg.beta)
-    stats = preference_stats(policy.detach(), ref, chosen, rejected)
-    history["margin"].append(stats["norm_margin"])
-    history["reward_acc"].append(stats["reward_acc"])
+    figures = preference_stats(policy.detach(), ref, chosen, rejected)
+    stats["margin"] = figures["norm_margin"]
+    stats["reward_acc"] = figures["reward_acc"]
     return loss
 
 
@@ -203,7 +234,7 @@ def prepare_learned_judge(judge_cfg: JudgeConfig, work_dir, labeled: SplitData, 
     from shared.judges.learned import LearnedJudge, out_of_fold_indices
 
     try:
-        return LearnedJudge.load(work_dir)
+        return LearnedJudge.load(work_dir, in_channels=labeled.images.shape[1], image_size=labeled.images.shape[-1])
     except FileNotFoundError:
         pass
     _require_masks(labeled, "labeled")
