@@ -45,7 +45,7 @@ from shared.config import ModelConfig, ProposalConfig, load_consortium, load_sit
 from shared.data import load_site_data  # noqa: E402
 from shared.losses import supervised_loss  # noqa: E402
 from shared.mining import MinedPairs  # noqa: E402
-from shared.model import resolve_device, seed_everything  # noqa: E402
+from shared.model import build_model, resolve_device, seed_everything  # noqa: E402
 from shared.proposals import generate_proposals, plain_inference  # noqa: E402
 from shared.training import preference_step, supervised_step  # noqa: E402
 
@@ -64,10 +64,10 @@ PROPOSAL_K8 = ProposalConfig(tta=("identity", "hflip", "vflip", "hvflip"), mc_sa
 
 
 def demo_model(model_cfg: ModelConfig, device: torch.device) -> torch.nn.Module:
-    from shared.site import model_from_config
-
+    """The consortium's model for 1-channel images, seeded."""
     seed_everything(0)
-    return model_from_config(model_cfg, in_channels=1).to(device)
+    return build_model(model_cfg.name, in_channels=1, channels=model_cfg.channels, strides=model_cfg.strides,
+                       num_res_units=model_cfg.num_res_units, dropout=model_cfg.dropout).to(device)
 
 
 def demo_images(n: int, with_masks: bool = False):
@@ -155,14 +155,30 @@ def bench_proposals(model_cfg, device, repeats: int, n_images: int = PROPOSAL_IM
         for _ in range(passes):
             plain_inference(model, images, device, batch_size=PROPOSAL_K8.batch_size)
 
-    proposals(), plain()  # warm-up
-    t_prop, t_plain = [], []
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
+
+    def proposals_unsampled():
+        """Diagnostic: the same proposals with dropout p = 0, i.e. without the cost of drawing
+        the MC-dropout masks (torch skips dropout at p = 0), to separate the engine's own
+        overhead (stacking, flips, sigmoid, masks) from the sampling MC dropout needs."""
+        saved = [m.p for m in dropouts]
+        for m in dropouts:
+            m.p = 0.0
+        try:
+            proposals()
+        finally:
+            for m, p in zip(dropouts, saved):
+                m.p = p
+
+    proposals(), plain(), proposals_unsampled()  # warm-up
+    times = {"proposals": [], "plain": [], "unsampled": []}
     for _ in range(repeats):
-        t_prop.append(_timed(proposals, device))
-        t_plain.append(_timed(plain, device))
-    prop_ips = n_images / statistics.median(t_prop)
-    plain_ips = n_images / statistics.median(t_plain)  # images/s of 8 full passes over the images
-    return {"proposal_ips": prop_ips, "plain_ips": plain_ips, "ratio": prop_ips / plain_ips,
+        times["proposals"].append(_timed(proposals, device))
+        times["plain"].append(_timed(plain, device))
+        times["unsampled"].append(_timed(proposals_unsampled, device))
+    ips = {k: n_images / statistics.median(v) for k, v in times.items()}  # plain: 8 full passes
+    return {"proposal_ips": ips["proposals"], "plain_ips": ips["plain"], "unsampled_ips": ips["unsampled"],
+            "ratio": ips["proposals"] / ips["plain"], "ratio_unsampled": ips["unsampled"] / ips["plain"],
             "images": n_images, "passes": passes, "repeats": repeats}
 
 
@@ -296,6 +312,8 @@ def main(argv=None) -> int:
           f"batch_size {PROPOSAL_K8.batch_size}; {prop['images']} images, median of {prop['repeats']}:")
     print(f"    generate_proposals                 {prop['proposal_ips']:8.1f} images/s")
     print(f"    {prop['passes']} x plain_inference (batch 32)     {prop['plain_ips']:8.1f} images/s")
+    print(f"    diagnostic: generate_proposals with dropout p = 0 (no MC mask sampling) {prop['unsampled_ips']:.1f} "
+          f"images/s, ratio {prop['ratio_unsampled']:.3f}: the rest of the gap is drawing the MC-dropout masks")
     print(f"  mining: agreement judge, K = {big['k']} (demo proposals), demo images repeated, fresh process each;"
           f" VmHWM reset after setup: {big['hwm_reset']}")
     print(f"    {'images':>6} {'torch+import':>12} {'images':>8} {'baseline':>9} {'peak':>8} {'over base':>9} "

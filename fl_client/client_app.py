@@ -8,6 +8,7 @@ and the site's name: never an image, a mask or a per-image score.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -20,10 +21,30 @@ from shared.site import evaluate_round, save_overlays, train_round
 app = ClientApp()
 
 
+class SiteFailure(RuntimeError):
+    """A handler's failure, phrased `site 'NAME': Error: message` so that the server can record
+    which site failed and why in one line (Flower forwards only the error text)."""
+
+
+def _named_failures(handler):
+    @functools.wraps(handler)
+    def run(msg: Message, context: Context) -> Message:
+        name = "unknown"
+        try:
+            site = _site(msg.content["config"], context)
+            name = site.name
+            return handler(msg, site)
+        except Exception as exc:
+            first_line = (str(exc).strip().splitlines() or [""])[0]
+            raise SiteFailure(f"site '{name}': {type(exc).__name__}: {first_line}") from exc
+
+    return run
+
+
 @app.train()
-def train(msg: Message, context: Context) -> Message:
+@_named_failures
+def train(msg: Message, site) -> Message:
     config = msg.content["config"]
-    site = _site(config, context)
     weights, result = train_round(
         site,
         _settings(config, "model", ModelConfig),
@@ -45,13 +66,20 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
+@_named_failures
+def evaluate(msg: Message, site) -> Message:
     config = msg.content["config"]
-    site = _site(config, context)
     scores = evaluate_round(site, _settings(config, "model", ModelConfig), msg.content["arrays"].to_torch_state_dict())
     metrics = {k: float(v) for k, v in scores.items()}
     metrics["num-examples"] = float(scores["n_images"])
     return _reply(msg, site.name, metrics)
+
+
+@app.query()
+@_named_failures
+def identify(msg: Message, site) -> Message:
+    """Tell the server which site this node is, so it can send the site its own settings."""
+    return _reply(msg, site.name, {"channels": float(site.channels)})
 
 
 def _site(config: ConfigRecord, context: Context):

@@ -18,10 +18,15 @@ How failures show up (and how ``diagnose_supernode`` words them):
   activate SuperNode";
 * key revoked while connected: the next request gets HTTP 401, the SuperNode SIGINTs
   itself and exits 0 ("SuperNode terminated gracefully.").
+
+``sent_log_mod`` (registered on our ClientApp) appends one JSON line per reply to the
+site's ``<work_dir>/sent.log``: what left the site, never the data itself.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import re
 import socket
 import ssl
@@ -35,6 +40,9 @@ import tomli_w
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
+from flwr.app import Context, Message
+from flwr.clientapp.typing import ClientAppCallable
 
 from fl_server.provision import server_certificate_problems
 from fl_server.superlink import (
@@ -394,3 +402,70 @@ def diagnose_supernode(
     tail = " | ".join(ln.strip() for ln in log.strip().splitlines()[-3:])
     return f"{who} exited with code {returncode}: {tail}"
 
+
+
+# ---------------------------------------------------------------------------- sent log
+
+SENT_LOG = "sent.log"
+_MAX_TEXT = 200
+
+
+def describe_reply(reply: Message) -> dict[str, Any]:
+    """What a reply carries, without its array contents: per record its kind and, per
+    entry, an array's shape/dtype/bytes, a metric's value (a list only by its length)
+    or a config value (long text cut)."""
+    if reply.has_error():
+        return {"error": f"code {reply.error.code}: {reply.error.reason}"[:_MAX_TEXT]}
+    records: dict[str, Any] = {}
+    total = 0
+    for name, record in reply.content.items():
+        total += record.count_bytes()
+        if name in reply.content.array_records:
+            items = {key: {"shape": list(arr.shape), "dtype": str(arr.dtype), "bytes": len(arr.data)}
+                     for key, arr in record.items()}
+            records[name] = {"kind": "arrays", "items": items}
+        else:
+            kind = "metrics" if name in reply.content.metric_records else "config"
+            records[name] = {"kind": kind, "items": {k: _value(v) for k, v in record.items()}}
+    return {"bytes": total, "records": records}
+
+
+def _value(value: Any) -> Any:
+    if isinstance(value, list):
+        return {"list": len(value)}
+    if isinstance(value, bytes):
+        return {"bytes": len(value)}
+    if isinstance(value, str) and len(value) > _MAX_TEXT:
+        return value[:_MAX_TEXT] + "..."
+    return value
+
+
+def sent_log_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """ClientApp mod: run the handler, then append to ``<work_dir>/sent.log`` what the
+    reply carries (message type, round, array names/shapes/sizes, metric names and
+    values) and the handler's time. Only in deployment, where ``node_config`` names the
+    site YAML; a failure to write the log never fails the reply."""
+    started = time.monotonic()
+    reply = call_next(msg, context)
+    site_config = context.node_config.get("site-config")
+    if site_config is None:
+        return reply
+    from shared.config import load_site  # the site's work_dir; no torch import
+
+    config = msg.content.config_records.get("config") if not msg.has_error() else None
+    entry = {
+        "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "run_id": msg.metadata.run_id,
+        "message_type": reply.metadata.message_type,
+        "round": config.get("server-round") if config is not None else None,
+        "handler_s": round(time.monotonic() - started, 3),
+        **describe_reply(reply),
+    }
+    try:
+        work_dir = load_site(str(site_config)).work_dir
+        work_dir.mkdir(parents=True, exist_ok=True)
+        with open(work_dir / SENT_LOG, "a") as log:
+            log.write(json.dumps(entry) + "\n")
+    except Exception as err:  # noqa: BLE001 - the log must not cost the round
+        print(f"sent_log_mod: could not write {SENT_LOG}: {err}", flush=True)
+    return reply

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -62,11 +63,30 @@ class ConsortiumStrategy(FedAvg):
             **self.extra_config,
         })
 
+    def identify(self, grid: Grid, nodes: list[int]) -> None:
+        """Ask nodes we cannot name yet which site they are (after a start, a resume, a join)."""
+        unknown = [n for n in nodes if n not in self.node_sites]
+        if not unknown:
+            return
+        config = ConfigRecord({"phase": "identify", **self.extra_config})
+        messages = [Message(RecordDict({"config": config}), message_type=MessageType.QUERY, dst_node_id=n)
+                    for n in unknown]
+        for reply in grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout):
+            if reply.has_error():
+                site, reason = _failure(reply.error.reason)
+                log.warning("a node could not say which site it is (%s): %s", site or "unknown", reason)
+                if site:
+                    self.node_sites[reply.metadata.src_node_id] = site
+            else:
+                self.node_sites[reply.metadata.src_node_id] = str(reply.content["site"]["name"])
+
     def configure_train(self, server_round, arrays, config, grid) -> Iterable[Message]:
-        """One message per node; a known site gets the settings its ledger state calls for."""
+        """One message per node; each site gets the settings its ledger state calls for."""
         phase = str(config["phase"])
         messages = []
-        for node_id in _wait_for_nodes(grid, self.min_available_nodes, self.cfg.federation.round_timeout):
+        nodes = _wait_for_nodes(grid, self.min_available_nodes, self.cfg.federation.round_timeout)
+        self.identify(grid, nodes)
+        for node_id in nodes:
             site = self.node_sites.get(node_id)
             preference = self.ledger.settings_for(site, self.cfg.preference) if site else self.cfg.preference
             record = RecordDict({"arrays": arrays, "config": self.round_config(server_round, phase, preference)})
@@ -82,8 +102,10 @@ class ConsortiumStrategy(FedAvg):
             node = reply.metadata.src_node_id
             answered.add(node)
             if reply.has_error():
-                site = self.node_sites.get(node, f"node-{node}")
-                outcomes[site] = SiteOutcome(site, "failed", f"client error: {reply.error.reason}")
+                site, reason = _failure(reply.error.reason)
+                site = site or self.node_sites.get(node, f"node-{node}")
+                self.node_sites.setdefault(node, site)
+                outcomes[site] = SiteOutcome(site, "failed", reason)
                 continue
             site = str(reply.content["site"]["name"])
             self.node_sites[node] = site
@@ -148,6 +170,7 @@ def run_federation(
     resume: bool = False,
     extra_config: dict | None = None,
     on_round: Callable[[list[dict]], None] | None = None,
+    stop_after: int | None = None,
 ) -> Path:
     """Run (or resume) the consortium's rounds; returns the run directory."""
     from shared.config import load_consortium_sites
@@ -170,7 +193,8 @@ def run_federation(
 
     strategy = ConsortiumStrategy(cfg, ledger, extra_config)
     total = cfg.supervised.rounds + cfg.preference.rounds
-    for server_round in range(done + 1, total + 1):
+    last = total if stop_after is None else min(total, stop_after)
+    for server_round in range(done + 1, last + 1):
         phase = "supervised" if server_round <= cfg.supervised.rounds else "preference"
         started = time.time()
         arrays = ArrayRecord(state)
@@ -225,6 +249,19 @@ def _metric_lines(server_round: int, phase: str, outcomes: dict[str, SiteOutcome
         "duration_s": round(duration, 2), "aggregated": aggregated,
     })
     return lines
+
+
+_SITE_FAILURE = re.compile(r"site '([A-Za-z0-9_.-]+|unknown)': ([^\n]*)")
+
+
+def _failure(reason: str) -> tuple[str | None, str]:
+    """(site name, one-line reason) from a failed reply's error text (see client_app.SiteFailure)."""
+    found = _SITE_FAILURE.findall(reason or "")
+    if not found:
+        lines = [line for line in (reason or "").splitlines() if line.strip()]
+        return None, lines[-1].strip()[:300] if lines else "client error"
+    site, text = found[-1]
+    return (None if site == "unknown" else site), text.strip()[:300]
 
 
 def _mean(values) -> float | None:

@@ -46,11 +46,14 @@ def main(argv=None) -> int:
     return run(cfg, sites, run_dir, args.resume, args.cpus)
 
 
-def run(cfg, sites, run_dir: Path, resume: bool, cpus: int) -> int:
+def run(cfg, sites, run_dir: Path, resume: bool, cpus: int, client_app=None, stop_after: int | None = None) -> int:
+    """Simulate the consortium; `client_app` replaces ours (tests inject faults with Flower mods),
+    `stop_after` ends the run after that round as if the server had been stopped."""
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
-    from fl_client.client_app import app as client_app
+    if client_app is None:
+        from fl_client.client_app import app as client_app
     from fl_server.federation import run_federation
     from fl_server.report import build_report, round_table
 
@@ -61,7 +64,7 @@ def run(cfg, sites, run_dir: Path, resume: bool, cpus: int) -> int:
     @server_app.main()
     def _main(grid, context):
         try:
-            run_federation(grid, cfg, run_dir, resume=resume, extra_config=extra,
+            run_federation(grid, cfg, run_dir, resume=resume, extra_config=extra, stop_after=stop_after,
                            on_round=lambda lines: print(round_table(lines), flush=True))
         except BaseException as exc:  # surfaced after the simulation engine shuts down
             failure.append(exc)

@@ -18,7 +18,7 @@ from shared.config import (
     AggregationConfig,
     ConfigError,
     ConsortiumConfig,
-    DataConfig,
+    DeploymentConfig,
     Folder,
     Groups,
     JudgeConfig,
@@ -76,7 +76,7 @@ def _strip(cfg):
 MALFORMED = {
     "unknown key": (
         "a.yaml", SITE + "colour: red\n",
-        "a.yaml: colour: unknown key; valid keys here are name, data, work_dir, image_size, channels, judge, device",
+        "a.yaml: colour: unknown key; valid keys here are name, data, work_dir, image_size, channels, judge, device, deployment",
     ),
     "unknown nested key": (
         "a.yaml", SITE + "judge: {kind: oracle, nois_std: 0.1}\n",
@@ -93,7 +93,12 @@ MALFORMED = {
     "device not in choices": ("a.yaml", SITE + "device: gpu\n", "a.yaml: device: 'gpu' is not one of auto, cpu, cuda"),
     "channels 2": ("a.yaml", SITE + "channels: 2\n", "a.yaml: channels: 2 must be 1 or 3"),
     "missing required key": ("a.yaml", SITE.replace("work_dir: work\n", ""), "a.yaml: work_dir: is required"),
-    "missing consortium sites": ("c.yaml", "name: c\nrun_dir: runs\n", "c.yaml: sites: is required"),
+    "missing consortium run_dir": ("c.yaml", "name: c\nsites: [a.yaml]\n", "c.yaml: run_dir: is required"),
+    "deployment without private_key": (
+        "a.yaml", SITE + "deployment: {superlink: 'fl.example.org:8000', ca_cert: keys/ca.crt}\n",
+        "a.yaml: deployment.private_key: is required",
+    ),
+    "model in_channels 2": ("c.yaml", CONSORTIUM + "model: {in_channels: 2}\n", "c.yaml: model.in_channels: 2 must be 1 or 3"),
     "invalid YAML (line number)": (
         "a.yaml", "name: a\nwork_dir: work\njudge: {kind: oracle\ndata: {}\n",
         "a.yaml: line 4: not valid YAML: expected ',' or '}', but got ':'",
@@ -169,7 +174,10 @@ MALFORMED = {
         "c.yaml: supervised.rounds: is 0 and no base_checkpoint is given",
     ),
     "sites not a list": ("c.yaml", CONSORTIUM.replace("[a.yaml]", "a.yaml"), "c.yaml: sites: expected a list, got str 'a.yaml'"),
-    "empty sites list": ("c.yaml", CONSORTIUM.replace("[a.yaml]", "[]"), "c.yaml: sites: list at least one site YAML"),
+    "no sites at all": (
+        "c.yaml", CONSORTIUM.replace("[a.yaml]", "[]"),
+        "c.yaml: sites: list at least one site YAML (simulation) or name sites under server.sites (deployment)",
+    ),
 }
 
 
@@ -208,6 +216,23 @@ def test_a_bad_site_of_the_consortium_names_the_site_file(tmp_path):
         load_consortium_sites(cfg)
 
 
+def test_site_channels_must_match_the_model(tmp_path):
+    _write(tmp_path, "a.yaml", SITE + "channels: 3\n")
+    cfg = load_consortium(_write(tmp_path, "c.yaml", CONSORTIUM))  # model.in_channels defaults to 1
+    with pytest.raises(ConfigError) as info:
+        load_consortium_sites(cfg)
+    assert str(info.value) == (
+        f"{tmp_path / 'a.yaml'}: channels: 3 does not match model.in_channels (1) in {tmp_path / 'c.yaml'}"
+    )
+
+
+def test_deployment_only_consortium_lists_no_site_files(tmp_path):
+    cfg = load_consortium(_write(tmp_path, "c.yaml", "name: c\nrun_dir: runs\nserver: {sites: [a, b]}\n"))
+    assert cfg.sites == () and cfg.server.sites == ("a", "b")
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'c.yaml'}: sites: a simulation needs the site YAMLs")):
+        load_consortium_sites(cfg)
+
+
 # ----------------------------------------------------------------------------- values
 
 
@@ -215,12 +240,12 @@ def test_defaults_are_filled(tmp_path):
     site = load_site(_write(tmp_path, "a.yaml", SITE))
     assert (site.image_size, site.channels, site.device) == (128, 1, "auto")
     assert site.judge == JudgeConfig() and site.judge.kind == "agreement"
-    assert site.data.seed == 0 and site.data.groups is None
+    assert site.data.seed == 0 and site.data.groups is None and site.deployment is None
     assert site.data.labeled is None and site.data.split == SplitFractions(0.25, 0.25, 0.25, 0.25)
     cfg = load_consortium(_write(tmp_path, "c.yaml", CONSORTIUM))
     assert cfg.model == ModelConfig() and cfg.preference == PreferenceConfig() and cfg.aggregation == AggregationConfig()
     assert cfg.seed == 0 and cfg.base_checkpoint is None
-    assert cfg.preference.lr == 1e-4 and cfg.model.strides == (2, 2, 2)
+    assert cfg.preference.lr == 1e-4 and cfg.model.strides == (2, 2, 2) and cfg.model.in_channels == 1
 
 
 def test_exponent_numbers_load_as_floats(tmp_path):
@@ -368,6 +393,9 @@ def test_example_site_loads_and_check_reports_the_missing_folders():
     assert site.data.labeled == Folder(Path("/data/hospital/labeled/images"), Path("/data/hospital/labeled/masks"))
     assert site.data.unlabeled == Folder(Path("/data/hospital/unlabeled/images"), None)
     assert site.data.source is None and site.judge == JudgeConfig()
+    assert site.deployment == DeploymentConfig(
+        "fl.consortium.example.org:8000", Path("/data/hospital/fl-keys/ca.crt"), Path("/data/hospital/fl-keys/hospital-a_auth"), 9094
+    )
     problems = [str(p) for p in check_site_data(site)]
     for split in SPLITS:
         assert f"/data/hospital/{split}/images: folder does not exist" in problems

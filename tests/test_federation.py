@@ -1,0 +1,197 @@
+"""The federation end to end in Flower's simulation engine, on tiny real demo sites.
+
+Each test runs a real consortium: Flower ServerApp and ClientApps, a real MONAI network,
+real chest X-rays from data/demo (resized to 32 px so that a run takes seconds).
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.clientapp import ClientApp
+
+from fl_client import client_app as our_client
+from fl_server import sim
+from shared.config import load_consortium, load_consortium_sites
+
+DEMO = Path(__file__).resolve().parents[1] / "data" / "demo" / "lung_cxr"
+
+
+def write_consortium(tmp_path: Path, judges: dict[str, str], *, supervised=1, preference=2,
+                     min_sites=1, timeout=120, aggregation="reliability", missing_data: str | None = None) -> Path:
+    """Site YAMLs (one per entry of `judges`: site name -> judge mapping) and a consortium YAML."""
+    folders = {"montgomery": "montgomery", "shenzhen_a": "shenzhen_a", "shenzhen_b": "shenzhen_b"}
+    site_files = []
+    for name, judge in judges.items():
+        images = DEMO / folders[name] / "images"
+        if name == missing_data:
+            images = tmp_path / "gone"  # the site crashes when it loads its data
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(textwrap.dedent(f"""\
+            name: {name}
+            work_dir: {tmp_path / 'work' / name}
+            image_size: 32
+            device: cpu
+            data:
+              source: {{images: {images}, masks: {DEMO / folders[name] / 'masks'}}}
+              split: {{labeled: 0.2, calibration: 0.15, unlabeled: 0.45, test: 0.2}}
+            judge: {judge}
+            """))
+        site_files.append(path.name)
+    consortium = tmp_path / "consortium.yaml"
+    consortium.write_text(textwrap.dedent(f"""\
+        name: tiny
+        sites: {site_files}
+        run_dir: {tmp_path / 'run'}
+        seed: 3
+        model: {{name: unet, channels: [8, 16, 32], strides: [2, 2], num_res_units: 1, dropout: 0.1}}
+        supervised: {{rounds: {supervised}, steps: 15, lr: 0.01, batch_size: 4}}
+        preference:
+          rounds: {preference}
+          steps: 4
+          batch_pairs: 4
+          proposals: {{tta: [identity, hflip], mc_samples: 2, thresholds: [0.3, 0.5, 0.7]}}
+        aggregation: {{kind: {aggregation}}}
+        federation: {{min_sites: {min_sites}, round_timeout: {timeout}}}
+        """))
+    return consortium
+
+
+def run_sim(consortium: Path, run_dir: Path | None = None, resume=False, client_app=None, stop_after=None) -> Path:
+    cfg = load_consortium(consortium)
+    sites = load_consortium_sites(cfg)
+    run_dir = run_dir or cfg.run_dir
+    code = sim.run(cfg, sites, run_dir, resume, cpus=2, client_app=client_app, stop_after=stop_after)
+    assert code == 0
+    return run_dir
+
+
+def metric_lines(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def site_lines(run_dir: Path, site: str) -> list[dict]:
+    return [line for line in metric_lines(run_dir) if line["kind"] == "site" and line["site"] == site]
+
+
+def test_consortium_writes_consistent_ledger_metrics_and_checkpoints(tmp_path):
+    consortium = write_consortium(tmp_path, {
+        "montgomery": "{kind: oracle}",
+        "shenzhen_b": "{kind: oracle, invert: true}",
+    })
+    run_dir = run_sim(consortium)
+
+    lines = metric_lines(run_dir)
+    rounds = sorted({line["round"] for line in lines})
+    assert rounds == [1, 2, 3]
+    for r in rounds:
+        per_round = [line for line in lines if line["round"] == r]
+        assert {line["site"] for line in per_round if line["kind"] == "site"} == {"montgomery", "shenzhen_b"}
+        (global_line,) = [line for line in per_round if line["kind"] == "global"]
+        assert global_line["phase"] == ("supervised" if r == 1 else "preference")
+        assert 0.0 < global_line["mean_dice"] <= 1.0
+    for line in lines:
+        if line["kind"] == "site":
+            assert line["status"] in ("ok", "excluded")
+            assert 0.0 <= line["eval"]["dice"] <= 1.0
+
+    # the inverted judge is seen on the calibration split: weight drops, state leaves trusted
+    honest = {line["round"]: line for line in site_lines(run_dir, "montgomery")}
+    inverted = {line["round"]: line for line in site_lines(run_dir, "shenzhen_b")}
+    for r in (2, 3):
+        assert inverted[r]["train"]["rel_pair_accuracy"] < 0.5
+        assert honest[r]["train"]["rel_pair_accuracy"] > 0.5
+        assert inverted[r]["weight"] == 0.0 < honest[r]["weight"]
+        assert inverted[r]["state"] != "trusted"
+    assert inverted[1]["weight"] == pytest.approx(0.5)  # supervised rounds weigh by labelled images
+
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    assert ledger["rounds_completed"] == 3
+    assert ledger["sites"]["shenzhen_b"]["state"] == "excluded"
+    assert ledger["sites"]["montgomery"]["state"] == "trusted"
+    assert [h["round"] for h in ledger["sites"]["shenzhen_b"]["history"]] == [2, 3]
+
+    checkpoints = sorted((run_dir / "checkpoints").glob("round_*.pt"))
+    assert [c.name for c in checkpoints] == ["round_001.pt", "round_002.pt", "round_003.pt"]
+    last = torch.load(checkpoints[-1], weights_only=True)
+    assert last["round"] == 3 and last["ledger"]["rounds_completed"] == 3
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+    assert (run_dir / "config.yaml").exists()
+    report = (run_dir / "report.html").read_text()
+    assert "montgomery" in report and "shenzhen_b" in report
+    assert list((run_dir / "overlays").glob("montgomery_round002_*.png"))
+
+
+def test_crashed_and_nan_sites_do_not_stop_the_round(tmp_path):
+    consortium = write_consortium(
+        tmp_path,
+        {"montgomery": "{kind: oracle}", "shenzhen_a": "{kind: oracle}", "shenzhen_b": "{kind: oracle}"},
+        supervised=1, preference=1, timeout=25, missing_data="shenzhen_a",
+    )
+
+    def nan_weights_at_shenzhen_b(msg, context, call_next):
+        """A site whose update is garbage: every weight of its reply is NaN."""
+        reply = call_next(msg, context)
+        if reply.has_content() and "arrays" in reply.content and reply.content["site"]["name"] == "shenzhen_b":
+            from flwr.app import ArrayRecord
+
+            state = reply.content["arrays"].to_torch_state_dict()
+            reply.content["arrays"] = ArrayRecord({k: torch.full_like(v, float("nan")) for k, v in state.items()})
+        return reply
+
+    faulty = ClientApp(mods=[nan_weights_at_shenzhen_b])
+    faulty.train()(our_client.train)
+    faulty.evaluate()(our_client.evaluate)
+    run_dir = run_sim(consortium, client_app=faulty)
+
+    crashed = site_lines(run_dir, "shenzhen_a")
+    assert {line["status"] for line in crashed} == {"failed"}
+    assert "gone" in crashed[0]["reason"]  # the site's own error, naming the missing folder
+    garbage = site_lines(run_dir, "shenzhen_b")
+    assert {line["status"] for line in garbage} == {"rejected"}
+    assert all("NaN" in line["reason"] and line["weight"] == 0.0 for line in garbage)
+    healthy = site_lines(run_dir, "montgomery")
+    assert {line["status"] for line in healthy} == {"ok"}
+    assert all(line["weight"] == pytest.approx(1.0) for line in healthy)
+
+    globals_ = [line for line in metric_lines(run_dir) if line["kind"] == "global"]
+    assert all(line["aggregated"] for line in globals_)
+    final = torch.load(run_dir / "checkpoints" / "round_002.pt", weights_only=True)["state_dict"]
+    assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    assert ledger["sites"]["shenzhen_b"]["rejected"] == 2
+    assert ledger["sites"]["shenzhen_a"]["failures"] >= 1
+
+
+def test_resume_after_a_stop_gives_the_uninterrupted_result(tmp_path):
+    consortium = write_consortium(tmp_path, {"montgomery": "{kind: oracle, noise_std: 0.1}",
+                                             "shenzhen_a": "{kind: agreement}"})
+    straight = run_sim(consortium, run_dir=tmp_path / "straight")
+    stopped = run_sim(consortium, run_dir=tmp_path / "stopped", stop_after=2)
+    assert sorted(p.name for p in (stopped / "checkpoints").glob("*.pt")) == ["round_001.pt", "round_002.pt"]
+    with open(stopped / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "site", "round": 3, "site": "montg')  # killed mid-write in round 3
+    run_sim(consortium, run_dir=stopped, resume=True)
+
+    a = torch.load(straight / "checkpoints" / "round_003.pt", weights_only=True)
+    b = torch.load(stopped / "checkpoints" / "round_003.pt", weights_only=True)
+    for key, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][key], value, rtol=0, atol=0)
+    assert a["ledger"]["sites"] == b["ledger"]["sites"]
+    rows = [(line["kind"], line["round"], line.get("site")) for line in metric_lines(stopped)]
+    assert len(rows) == len(set(rows)) == len(metric_lines(straight))
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    consortium = write_consortium(tmp_path, {"montgomery": "{kind: oracle}"}, preference=1)
+    run_dir = run_sim(consortium, stop_after=1)
+    consortium.write_text(consortium.read_text().replace("seed: 3", "seed: 4"))
+    cfg = load_consortium(consortium)
+    with pytest.raises(ValueError, match="different consortium config"):
+        from fl_server.run_dir import RunDir, config_hash
+
+        RunDir(run_dir).resume(config_hash(cfg))

@@ -1,0 +1,159 @@
+"""The server's decisions without a simulation: ledger, update checks, weighting, timeouts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from types import SimpleNamespace
+
+from fl_server.federation import ConsortiumStrategy, SiteOutcome
+from shared.aggregation import norm_outliers, update_norm, update_problem, weighted_average
+from shared.config import AggregationConfig, ConsortiumConfig, PreferenceConfig
+from shared.ledger import EXCLUDED, PROBATION, TRUSTED, Ledger, weight_factor
+
+AGG = AggregationConfig(ema=0.5, probation_below=0.65, exclude_below=0.55)
+
+
+@pytest.mark.parametrize("accuracy, expected", [
+    (0.0, 0.0),   # adversarial judge: nothing
+    (0.5, 0.0),   # chance: nothing
+    (0.75, 0.5),  # halfway between chance and perfect
+    (1.0, 1.0),
+])
+def test_weight_factor_rises_from_chance_to_perfect(accuracy, expected):
+    assert weight_factor(accuracy) == pytest.approx(expected)
+
+
+def figures(acc, n=10):
+    return {"pair_accuracy": acc, "spearman": 0.3, "pair_gain": 0.1, "n_pairs": n}
+
+
+def test_ledger_moves_a_site_through_probation_to_exclusion_and_back():
+    ledger = Ledger()
+    ledger.record_reliability("a", 1, figures(0.9), AGG)
+    assert ledger.site("a").state == TRUSTED and ledger.factor("a") == pytest.approx(0.8)
+    ledger.record_reliability("a", 2, figures(0.4), AGG)  # EMA 0.65: still trusted at the boundary
+    assert ledger.site("a").ema["pair_accuracy"] == pytest.approx(0.65)
+    assert ledger.site("a").state == TRUSTED
+    ledger.record_reliability("a", 3, figures(0.5), AGG)  # EMA 0.575
+    assert ledger.site("a").state == PROBATION
+    ledger.record_reliability("a", 4, figures(0.3), AGG)  # EMA 0.4375
+    assert ledger.site("a").state == EXCLUDED and ledger.factor("a") == 0.0
+    ledger.record_reliability("a", 5, figures(1.0), AGG)  # EMA 0.71875: recovered
+    assert ledger.site("a").state == TRUSTED
+    assert [h["round"] for h in ledger.site("a").history] == [1, 2, 3, 4, 5]
+
+
+def test_a_round_without_calibration_pairs_carries_no_evidence():
+    ledger = Ledger()
+    ledger.record_reliability("a", 1, figures(0.9), AGG)
+    ledger.record_reliability("a", 2, figures(0.5, n=0), AGG)
+    assert ledger.site("a").ema["pair_accuracy"] == pytest.approx(0.9)
+
+
+def test_probation_sites_get_conservative_settings():
+    ledger = Ledger()
+    base = PreferenceConfig(beta=2.0)
+    ledger.record_reliability("weak", 1, figures(0.6), AGG)
+    ledger.record_reliability("good", 1, figures(0.95), AGG)
+    weak = ledger.settings_for("weak", base)
+    assert (weak.mining.strategy, weak.mining.min_gap, weak.beta) == ("skip_top", 0.05, 1.0)
+    assert ledger.settings_for("good", base) == base
+
+
+def test_ledger_survives_save_and_load(tmp_path):
+    ledger = Ledger(rounds_completed=4)
+    ledger.record_reliability("a", 4, figures(0.7), AGG)
+    ledger.record_problem("b", 4, "failed")
+    ledger.save(tmp_path / "ledger.json")
+    again = Ledger.load(tmp_path / "ledger.json")
+    assert again.to_dict() == ledger.to_dict()
+    assert json.loads((tmp_path / "ledger.json").read_text())["sites"]["b"]["failures"] == 1
+
+
+def state(value=0.0):
+    return {"w": torch.full((2, 3), value), "b": torch.full((3,), value), "n": torch.tensor(7)}
+
+
+@pytest.mark.parametrize("update, problem", [
+    ({"w": torch.zeros(2, 3), "n": torch.tensor(7)}, "missing weight 'b'"),
+    ({**state(), "extra": torch.zeros(1)}, "unexpected weight 'extra'"),
+    ({**state(), "w": torch.zeros(3, 2)}, "has shape (3, 2), expected (2, 3)"),
+    ({**state(), "b": torch.tensor([0.0, float("nan"), 0.0])}, "NaN or Inf"),
+    ({**state(), "b": torch.tensor([0.0, float("inf"), 0.0])}, "NaN or Inf"),
+])
+def test_bad_updates_are_named(update, problem):
+    assert problem in update_problem(update, state())
+
+
+def test_good_update_passes_and_norm_is_l2_of_the_change():
+    assert update_problem(state(1.0), state()) is None
+    assert update_norm(state(1.0), state()) == pytest.approx(3.0)  # sqrt(6 + 3) ones
+
+
+def test_norm_outliers_need_three_sites_and_a_large_factor():
+    assert norm_outliers({"a": 1.0, "b": 100.0}, 5.0) == set()
+    assert norm_outliers({"a": 1.0, "b": 1.2, "c": 100.0}, 5.0) == {"c"}
+    assert norm_outliers({"a": 1.0, "b": 1.2, "c": 4.0}, 5.0) == set()
+
+
+def test_weighted_average_keeps_dtypes_and_weights():
+    avg = weighted_average([state(0.0), state(3.0)], [1.0, 2.0])
+    assert torch.allclose(avg["w"], torch.full((2, 3), 2.0))
+    assert avg["w"].dtype == torch.float32 and avg["n"].dtype == torch.int64 and int(avg["n"]) == 7
+    with pytest.raises(ValueError, match="sum to zero"):
+        weighted_average([state()], [0.0])
+
+
+def consortium(**kw) -> ConsortiumConfig:
+    from pathlib import Path
+
+    return ConsortiumConfig(name="t", run_dir=Path("/tmp/unused"), sites=(Path("a.yaml"),), **kw)
+
+
+def test_a_site_that_never_replies_is_failed_and_the_round_goes_on():
+    strategy = ConsortiumStrategy(consortium(), Ledger())
+    strategy.node_sites = {11: "slow", 12: "fast"}
+    # only the destination of a sent message matters here (a real Message needs a running Flower run)
+    sent = [SimpleNamespace(metadata=SimpleNamespace(dst_node_id=node)) for node in (11, 12)]
+    outcomes = strategy.collect(1, "supervised", sent, [], state())
+    assert outcomes["slow"].status == "failed" and "no reply within" in outcomes["slow"].reason
+    assert strategy.ledger.site("slow").failures == 1
+
+
+def test_reliability_weighting_and_exclusion():
+    strategy = ConsortiumStrategy(consortium(), Ledger())
+    strategy.ledger.record_reliability("good", 2, figures(1.0), AGG)
+    strategy.ledger.record_reliability("half", 2, figures(0.75), AGG)
+    strategy.ledger.record_reliability("bad", 2, figures(0.0), AGG)
+    outcomes = {
+        name: SiteOutcome(name, train={"num-examples": 10.0}, state=state(value))
+        for name, value in (("good", 1.0), ("half", 4.0), ("bad", 100.0))
+    }
+    new_state, changed = strategy.aggregate("preference", outcomes, state())
+    assert changed
+    assert outcomes["bad"].status == "excluded" and outcomes["bad"].weight == 0.0
+    assert outcomes["good"].weight == pytest.approx(2 / 3) and outcomes["half"].weight == pytest.approx(1 / 3)
+    assert torch.allclose(new_state["w"], torch.full((2, 3), 2.0))  # (2*1 + 1*4) / 3
+
+
+def test_plain_fedavg_ignores_reliability():
+    strategy = ConsortiumStrategy(consortium(aggregation=AggregationConfig(kind="fedavg")), Ledger())
+    strategy.ledger.record_reliability("bad", 2, figures(0.0), AGG)
+    outcomes = {"bad": SiteOutcome("bad", train={"num-examples": 5.0}, state=state(2.0)),
+                "ok": SiteOutcome("ok", train={"num-examples": 15.0}, state=state(6.0))}
+    new_state, _ = strategy.aggregate("preference", outcomes, state())
+    assert torch.allclose(new_state["w"], torch.full((2, 3), 5.0))
+
+
+def test_too_few_sites_leave_the_global_model_unchanged():
+    from shared.config import FederationConfig
+
+    strategy = ConsortiumStrategy(consortium(federation=FederationConfig(min_sites=2)), Ledger())
+    outcomes = {"a": SiteOutcome("a", train={"num-examples": 5.0}, state=state(9.0)),
+                "b": SiteOutcome("b", "failed", "client error")}
+    before = state()
+    new_state, changed = strategy.aggregate("supervised", outcomes, before)
+    assert not changed and new_state is before
