@@ -51,15 +51,17 @@ def main(argv=None) -> int:
 
 def cmd_check(args) -> int:
     from shared.config import load_site
+
+    site = load_site(args.site)  # YAML mistakes are reported before torch and MONAI load
     from shared.data import check_site_data
 
-    site = load_site(args.site)
     problems = check_site_data(site)
     errors = [p for p in problems if p.level == "error"]
     for problem in problems:
         print(f"{problem.level}: {problem}")
     if errors:
-        print(f"{args.site}: {len(errors)} problem(s) found; bad files are skipped at run time, but fix them or remove them")
+        print(f"{args.site}: {len(errors)} problem(s) found: at run time a bad file is skipped, "
+              "a missing or empty folder stops the site; fix them before joining")
         return 1
     print(f"{args.site}: site '{site.name}' is ready ({len(problems)} warning(s))")
     return 0

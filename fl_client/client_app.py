@@ -3,22 +3,26 @@
 Settings arrive in three channels (STYLE.md): the site YAML path in `context.node_config`
 (`site-config`; in simulation `partition-id` picks one of the consortium's sites), and the
 per-round settings in the ConfigRecord the server sends. The reply carries the weights, numbers
-and the site's name: never an image, a mask or a per-image score.
+and the site's name: never an image, a mask or a per-image score. In deployment every reply is
+also summarised in the site's own `<work_dir>/sent.log` (fl_client.supernode.sent_log_mod).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import resource
+import time
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fl_client.supernode import sent_log_mod
 from shared.config import ModelConfig, PreferenceConfig, SupervisedConfig, from_dict, load_site
 from shared.site import evaluate_round, save_overlays, train_round
 
-app = ClientApp()
+app = ClientApp(mods=[sent_log_mod])
 
 
 class SiteFailure(RuntimeError):
@@ -31,9 +35,15 @@ def _named_failures(handler):
     def run(msg: Message, context: Context) -> Message:
         name = "unknown"
         try:
+            started = time.perf_counter()
             site = _site(msg.content["config"], context)
             name = site.name
-            return handler(msg, site)
+            reply = handler(msg, site)
+            # operational figures (this process, not any image): local compute time and memory
+            metrics = reply.content["metrics"]
+            metrics["compute_s"] = time.perf_counter() - started
+            metrics["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            return reply
         except Exception as exc:
             first_line = (str(exc).strip().splitlines() or [""])[0]
             raise SiteFailure(f"site '{name}': {type(exc).__name__}: {first_line}") from exc

@@ -40,7 +40,6 @@ import tomli_w
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
@@ -445,6 +444,8 @@ def sent_log_mod(msg: Message, context: Context, call_next: ClientAppCallable) -
     reply carries (message type, round, array names/shapes/sizes, metric names and
     values) and the handler's time. Only in deployment, where ``node_config`` names the
     site YAML; a failure to write the log never fails the reply."""
+    config = msg.content.config_records.get("config") if msg.has_content() else None
+    server_round = config.get("server-round") if config is not None else None
     started = time.monotonic()
     reply = call_next(msg, context)
     site_config = context.node_config.get("site-config")
@@ -452,12 +453,11 @@ def sent_log_mod(msg: Message, context: Context, call_next: ClientAppCallable) -
         return reply
     from shared.config import load_site  # the site's work_dir; no torch import
 
-    config = msg.content.config_records.get("config") if not msg.has_error() else None
     entry = {
         "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "run_id": msg.metadata.run_id,
         "message_type": reply.metadata.message_type,
-        "round": config.get("server-round") if config is not None else None,
+        "round": server_round,
         "handler_s": round(time.monotonic() - started, 3),
         **describe_reply(reply),
     }
