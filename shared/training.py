@@ -106,7 +106,13 @@ def preference_round(
     )
     metrics = {f"rel_{k}": float(v) for k, v in reliability.items()}
     if cfg.method == "none":
-        return RoundResult(num_examples=0, metrics={**metrics, "pairs_used": 0})
+        # The control arm: no preference loss. With lambda_sup > 0 it takes the same number of
+        # anchor-only (supervised) steps, so a method's gain can be told from more supervision.
+        metrics["pairs_used"] = 0
+        if cfg.lambda_sup == 0 or labeled is None or len(labeled.names) == 0:
+            return RoundResult(num_examples=0, metrics=metrics, pairs=calib_pairs)
+        metrics.update(_preference_steps(model, unlabeled, labeled, None, cfg, device, seed, progress))
+        return RoundResult(num_examples=len(labeled.names), metrics=metrics, pairs=calib_pairs)
 
     pool = _limit(unlabeled, cfg.max_unlabeled)
     pairs, mining_stats = mine_split(
@@ -198,6 +204,8 @@ def _step_inputs(pool: SplitData, pairs: MinedPairs, cfg: PreferenceConfig, gene
 
     For pair methods, one forward per unique image serves every pair of that image.
     """
+    if cfg.method == "none":
+        return None, pool.images[:0]
     if cfg.method == "entropy":
         idx = torch.randint(len(pool.names), (min(cfg.batch_pairs, len(pool.names)),), generator=generator)
         return None, pool.images[idx]
@@ -207,6 +215,8 @@ def _step_inputs(pool: SplitData, pairs: MinedPairs, cfg: PreferenceConfig, gene
 
 
 def _method_loss(cfg: PreferenceConfig, logits, batch, pairs: MinedPairs, device, stats: dict) -> torch.Tensor:
+    if cfg.method == "none":
+        return logits.sum() * 0.0  # no preference term; keeps the graph for the anchor
     if cfg.method == "entropy":
         return entropy_loss(logits)
     pair_idx, inverse = batch
