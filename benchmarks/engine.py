@@ -20,7 +20,9 @@ Everything runs on the demo consortium's model (sites/demo/consortium.yaml: MONA
    importing torch, building the model and holding the images; the peak is the VmHWM during
    mining (the high-water mark is reset after setup where the kernel allows it).
 
-Timings are medians. Set --threads explicitly: the figures are only comparable at equal threads.
+Timings are medians of interleaved repeats. On the CPU the ratios use process CPU time (wall
+time is printed too): other jobs on a shared machine stretch wall time at random, not the work
+a step does. Set --threads explicitly: figures are only comparable at equal threads.
 """
 
 from __future__ import annotations
@@ -87,12 +89,28 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(fn, device: torch.device) -> float:
+def _timed(fn, device: torch.device) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one call."""
     _sync(device)
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
     _sync(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def _medians(times: dict[str, list[tuple[float, float]]], device: torch.device) -> dict[str, dict[str, float]]:
+    """Median seconds per entry: wall, cpu, and `basis`, the one the figures use.
+
+    On the CPU the basis is process CPU time: on a shared machine other jobs stretch wall time
+    at random (time slicing), while the work a step does shows in its CPU time. On CUDA the
+    basis is wall time (the GPU's work is not CPU time).
+    """
+    out = {}
+    for name, pairs in times.items():
+        wall = statistics.median(t[0] for t in pairs)
+        cpu = statistics.median(t[1] for t in pairs)
+        out[name] = {"wall": wall, "cpu": cpu, "basis": cpu if device.type == "cpu" else wall}
+    return out
 
 
 # ----------------------------------------------------------------------------- 1. step cost
@@ -135,9 +153,12 @@ def bench_steps(model_cfg, pref_cfg, device, repeats: int) -> dict:
         times["supervised"].append(_timed(supervised, device))
         times["rn_dpo"].append(_timed(preference, device))
         times["supervised_eval"].append(_timed(lambda: supervised(False), device))
-    ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
-    return {"ms": ms, "ratio": ms["rn_dpo"] / ms["supervised"], "ratio_eval": ms["rn_dpo"] / ms["supervised_eval"],
-            "repeats": repeats, "beta": cfg.beta}
+    med = _medians(times, device)
+    ms = {k: 1000 * v["basis"] for k, v in med.items()}
+    wall_ms = {k: 1000 * v["wall"] for k, v in med.items()}
+    return {"ms": ms, "wall_ms": wall_ms, "ratio": ms["rn_dpo"] / ms["supervised"],
+            "ratio_eval": ms["rn_dpo"] / ms["supervised_eval"],
+            "ratio_wall": wall_ms["rn_dpo"] / wall_ms["supervised"], "repeats": repeats, "beta": cfg.beta}
 
 
 # ----------------------------------------------------------------------------- 2. proposals
@@ -176,9 +197,12 @@ def bench_proposals(model_cfg, device, repeats: int, n_images: int = PROPOSAL_IM
         times["proposals"].append(_timed(proposals, device))
         times["plain"].append(_timed(plain, device))
         times["unsampled"].append(_timed(proposals_unsampled, device))
-    ips = {k: n_images / statistics.median(v) for k, v in times.items()}  # plain: 8 full passes
+    med = _medians(times, device)
+    ips = {k: n_images / v["basis"] for k, v in med.items()}  # plain: 8 full passes over the images
+    wall_ips = {k: n_images / v["wall"] for k, v in med.items()}
     return {"proposal_ips": ips["proposals"], "plain_ips": ips["plain"], "unsampled_ips": ips["unsampled"],
             "ratio": ips["proposals"] / ips["plain"], "ratio_unsampled": ips["unsampled"] / ips["plain"],
+            "ratio_wall": wall_ips["proposals"] / wall_ips["plain"], "wall_ips": wall_ips,
             "images": n_images, "passes": passes, "repeats": repeats}
 
 
@@ -255,6 +279,13 @@ def cpu_info() -> str:
     return f"{model}, {os.cpu_count()} logical CPUs ({usable} usable)"
 
 
+def _load_average() -> str:
+    try:
+        return " ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1000, help="largest mining size (also runs 1/4 and 1/2 of it)")
@@ -296,24 +327,29 @@ def main(argv=None) -> int:
         (f"mining growth over baseline {small['images']}->{big['images']}", f"{growth:.2f}x",
          f"< {size_ratio:.0f}x (sub-linear)", growth < size_ratio),
     ]
+    basis = "process CPU time" if device.type == "cpu" else "wall time"
+    wall = steps["wall_ms"]
     print()
     print(f"Engine benchmark: torch {torch.__version__}, torch threads {torch.get_num_threads()}, device {device}")
-    print(f"CPU: {cpu_info()}; python {platform.python_version()}")
+    print(f"CPU: {cpu_info()}; python {platform.python_version()}; load average {_load_average()}")
     print(f"model: demo consortium {consortium.model.name} {list(consortium.model.channels)}, images 128x128")
+    print(f"figures use {basis} (wall clock shown beside it: other jobs on a shared machine stretch it)")
     print()
     print("details")
     print(f"  steps, batch {STEP_BATCH} (RN-DPO: 8 pairs on 8 images, beta {steps['beta']}, lambda_sup 0), "
-          f"median of {steps['repeats']}:")
-    print(f"    supervised (train mode, as supervised_round) {ms['supervised']:8.1f} ms")
-    print(f"    supervised (eval mode, for reference)        {ms['supervised_eval']:8.1f} ms")
-    print(f"    RN-DPO (eval mode, as preference_round)      {ms['rn_dpo']:8.1f} ms   "
-          f"ratio {steps['ratio']:.3f} (vs eval-mode supervised {steps['ratio_eval']:.3f})")
+          f"median of {steps['repeats']}, interleaved:")
+    print(f"    supervised (train mode, as supervised_round) {ms['supervised']:8.1f} ms   (wall {wall['supervised']:.1f} ms)")
+    print(f"    supervised (eval mode, for reference)        {ms['supervised_eval']:8.1f} ms   (wall {wall['supervised_eval']:.1f} ms)")
+    print(f"    RN-DPO (eval mode, as preference_round)      {ms['rn_dpo']:8.1f} ms   (wall {wall['rn_dpo']:.1f} ms)")
+    print(f"    ratio RN-DPO / supervised {steps['ratio']:.3f} (wall {steps['ratio_wall']:.3f}); "
+          f"against eval-mode supervised {steps['ratio_eval']:.3f}")
     print(f"  proposals: tta {list(PROPOSAL_K8.tta)} + mc_samples {PROPOSAL_K8.mc_samples}, thresholds none, "
-          f"batch_size {PROPOSAL_K8.batch_size}; {prop['images']} images, median of {prop['repeats']}:")
-    print(f"    generate_proposals                 {prop['proposal_ips']:8.1f} images/s")
-    print(f"    {prop['passes']} x plain_inference (batch 32)     {prop['plain_ips']:8.1f} images/s")
-    print(f"    diagnostic: generate_proposals with dropout p = 0 (no MC mask sampling) {prop['unsampled_ips']:.1f} "
-          f"images/s, ratio {prop['ratio_unsampled']:.3f}: the rest of the gap is drawing the MC-dropout masks")
+          f"batch_size {PROPOSAL_K8.batch_size}; {prop['images']} images, median of {prop['repeats']}, interleaved:")
+    print(f"    generate_proposals                 {prop['proposal_ips']:8.1f} images/s   (wall {prop['wall_ips']['proposals']:.1f})")
+    print(f"    {prop['passes']} x plain_inference (batch 32)     {prop['plain_ips']:8.1f} images/s   (wall {prop['wall_ips']['plain']:.1f})")
+    print(f"    ratio {prop['ratio']:.3f} (wall {prop['ratio_wall']:.3f})")
+    print(f"    diagnostic, same proposals with dropout p = 0 (no MC-dropout masks drawn): {prop['unsampled_ips']:.1f} "
+          f"images/s, ratio {prop['ratio_unsampled']:.3f}; the rest of the gap is drawing the dropout masks")
     print(f"  mining: agreement judge, K = {big['k']} (demo proposals), demo images repeated, fresh process each;"
           f" VmHWM reset after setup: {big['hwm_reset']}")
     print(f"    {'images':>6} {'torch+import':>12} {'images':>8} {'baseline':>9} {'peak':>8} {'over base':>9} "
