@@ -101,6 +101,15 @@ def autocast(device: torch.device | str):
     return torch.autocast(device_type="cuda", dtype=dtype)
 
 
+def grad_scaler(device: torch.device | str) -> torch.amp.GradScaler | None:
+    """A GradScaler where `autocast` runs float16 (CUDA without bf16), else None: bf16 and
+    float32 gradients do not underflow the way float16 ones do."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.amp.GradScaler("cuda")
+    return None
+
+
 def get_weights(model: torch.nn.Module) -> dict[str, np.ndarray]:
     """The model's state dict as CPU numpy arrays (copies), dtype preserved."""
     return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}

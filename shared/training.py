@@ -19,7 +19,7 @@ from shared.config import JudgeConfig, MiningConfig, PreferenceConfig, ProposalC
 from shared.data import SplitData
 from shared.losses import dpo_loss, entropy_loss, preference_stats, rn_dpo_loss, supervised_loss
 from shared.mining import MinedPairs, gather_pairs, mine_pairs, mine_split
-from shared.model import autocast
+from shared.model import autocast, grad_scaler
 from shared.proposals import generate_proposals
 from shared.reliability import dice_scores, reliability_report
 
@@ -50,12 +50,13 @@ def supervised_round(
     generator = torch.Generator().manual_seed(seed)
     model.to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    scaler = grad_scaler(device)
     loss_fn = supervised_loss()
     losses = []
     for _ in _steps(cfg.steps, progress, "supervised"):
         idx = torch.randint(len(labeled.names), (min(cfg.batch_size, len(labeled.names)),), generator=generator)
         images, masks = _random_flips(labeled.images[idx], labeled.masks[idx].float(), generator)
-        losses.append(supervised_step(model, optimizer, loss_fn, images, masks, device))
+        losses.append(supervised_step(model, optimizer, loss_fn, images, masks, device, scaler))
     return RoundResult(
         num_examples=len(labeled.names),
         metrics={"loss": float(np.mean(losses[-10:])), "steps": cfg.steps},
@@ -121,7 +122,7 @@ def preference_round(
     )
     metrics.update({f"mining_{k}": float(v) for k, v in mining_stats.items() if _is_number(v)})
     metrics["pairs_used"] = len(pairs)
-    if cfg.method != "entropy" and len(pairs) == 0:
+    if len(pairs) == 0 if cfg.method != "entropy" else len(pool.names) == 0:
         log.warning("no preference pairs survived mining: the model is left unchanged this round")
         return RoundResult(num_examples=0, metrics=metrics, pairs=calib_pairs)
 
@@ -135,6 +136,7 @@ def _preference_steps(model, pool: SplitData, labeled, pairs: MinedPairs, cfg: P
                       device, seed: int, progress) -> dict:
     generator = torch.Generator().manual_seed(seed + 1)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    scaler = grad_scaler(device)
     sup_loss_fn = supervised_loss()
     use_anchor = cfg.lambda_sup > 0 and labeled is not None and len(labeled.names) > 0
     model.eval()  # dropout off: the cached reference logits were made in eval mode
@@ -145,26 +147,25 @@ def _preference_steps(model, pool: SplitData, labeled, pairs: MinedPairs, cfg: P
         if use_anchor:
             sup_idx = torch.randint(len(labeled.names), (min(cfg.batch_pairs, len(labeled.names)),), generator=generator)
             anchor = _random_flips(labeled.images[sup_idx], labeled.masks[sup_idx].float(), generator)
-        for key, value in preference_step(model, optimizer, cfg, images, batch, pairs, device, anchor, sup_loss_fn).items():
+        for key, value in preference_step(model, optimizer, cfg, images, batch, pairs, device, anchor, sup_loss_fn, scaler).items():
             history[key].append(value)
     return {k: float(np.mean(v)) for k, v in history.items() if v} | {"steps": cfg.steps}
 
 
-def supervised_step(model, optimizer, loss_fn, images: torch.Tensor, masks: torch.Tensor, device) -> float:
+def supervised_step(model, optimizer, loss_fn, images: torch.Tensor, masks: torch.Tensor, device,
+                    scaler=None) -> float:
     """One supervised optimizer step: one forward of (B, C, H, W) images, loss against float
     (B, 1, H, W) masks in float32, backward, step. Returns the loss."""
     with autocast(device):
         logits = model(images.to(device))
     loss = loss_fn(logits.float(), masks.to(device))
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    _optimizer_step(optimizer, loss, scaler)
     return loss.item()
 
 
 def preference_step(model, optimizer, cfg: PreferenceConfig, images: torch.Tensor, batch, pairs: MinedPairs,
                     device, anchor: tuple[torch.Tensor, torch.Tensor] | None = None,
-                    sup_loss_fn=None) -> dict[str, float]:
+                    sup_loss_fn=None, scaler=None) -> dict[str, float]:
     """One preference optimizer step: a single forward serves the batch and the anchor.
 
     Args:
@@ -191,9 +192,7 @@ def preference_step(model, optimizer, cfg: PreferenceConfig, images: torch.Tenso
         sup = (sup_loss_fn or supervised_loss())(logits[n_pool:], anchor[1].to(device))
         loss = pref + cfg.lambda_sup * sup
         stats["sup_loss"] = sup.item()
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    _optimizer_step(optimizer, loss, scaler)
     stats["loss"] = loss.item()
     stats["pref_loss"] = pref.item()
     return stats
@@ -299,6 +298,18 @@ def subset(split: SplitData, index) -> SplitData:
         images=split.images[index].clone(),
         masks=None if split.masks is None else split.masks[index].clone(),
     )
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, scaler=None) -> None:
+    """Backward and step, through the round's GradScaler where float16 autocast needs one."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+        return
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
 
 
 def _require_masks(split: SplitData, name: str) -> None:
