@@ -46,9 +46,11 @@ def main(argv=None) -> int:
     return run(cfg, sites, run_dir, args.resume, args.cpus)
 
 
-def run(cfg, sites, run_dir: Path, resume: bool, cpus: int, client_app=None, stop_after: int | None = None) -> int:
+def run(cfg, sites, run_dir: Path, resume: bool, cpus: int, client_app=None, stop_after: int | None = None,
+        on_round=None) -> int:
     """Simulate the consortium; `client_app` replaces ours (tests inject faults with Flower mods),
-    `stop_after` ends the run after that round as if the server had been stopped."""
+    `stop_after` ends the run after that round as if the server had been stopped, `on_round`
+    is called with each round's metric lines in place of printing the round table (benchmarks)."""
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
@@ -57,6 +59,8 @@ def run(cfg, sites, run_dir: Path, resume: bool, cpus: int, client_app=None, sto
     from fl_server.federation import run_federation
     from fl_server.report import build_report, round_table
 
+    if on_round is None:
+        on_round = lambda lines: print(round_table(lines), flush=True)  # noqa: E731
     extra = {"sim-sites": [str(s.source_file) for s in sites], "sim-run-dir": str(run_dir)}
     failure: list[BaseException] = []
     server_app = ServerApp()
@@ -65,7 +69,7 @@ def run(cfg, sites, run_dir: Path, resume: bool, cpus: int, client_app=None, sto
     def _main(grid, context):
         try:
             run_federation(grid, cfg, run_dir, resume=resume, extra_config=extra, stop_after=stop_after,
-                           on_round=lambda lines: print(round_table(lines), flush=True))
+                           on_round=on_round)
         except BaseException as exc:  # surfaced after the simulation engine shuts down
             failure.append(exc)
             raise
