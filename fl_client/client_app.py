@@ -4,7 +4,8 @@ Settings arrive in three channels (STYLE.md): the site YAML path in `context.nod
 (`site-config`; in simulation `partition-id` picks one of the consortium's sites), and the
 per-round settings in the ConfigRecord the server sends. The reply carries the weights, numbers
 and the site's name: never an image, a mask or a per-image score. In deployment every reply is
-also summarised in the site's own `<work_dir>/sent.log` (fl_client.supernode.sent_log_mod).
+also summarised in the site's own `<work_dir>/sent.log` (fl_client.supernode.sent_log_mod), and
+its weights travel packed in one buffer when the server packed its own (packed_arrays_mod).
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fl_client.supernode import sent_log_mod
+from fl_client.supernode import packed_arrays_mod, sent_log_mod
 from shared.config import ModelConfig, PreferenceConfig, SupervisedConfig, from_dict, load_site
 from shared.site import evaluate_round, save_overlays, train_round
 
-app = ClientApp(mods=[sent_log_mod])
+app = ClientApp(mods=[sent_log_mod, packed_arrays_mod])
 
 
 class SiteFailure(RuntimeError):

@@ -19,8 +19,17 @@ How failures show up (and how ``diagnose_supernode`` words them):
 * key revoked while connected: the next request gets HTTP 401, the SuperNode SIGINTs
   itself and exits 0 ("SuperNode terminated gracefully.").
 
-``sent_log_mod`` (registered on our ClientApp) appends one JSON line per reply to the
-site's ``<work_dir>/sent.log``: what left the site, never the data itself.
+Two ClientApp mods live here (registered on our ClientApp): ``sent_log_mod`` appends one
+JSON line per reply to the site's ``<work_dir>/sent.log`` (what left the site, never the
+data itself), and ``packed_arrays_mod`` unpacks the arrays the ServerApp packed into one
+buffer and packs the reply's the same way (fewer objects to move, see
+``fl_server.superlink.pack_arrays``).
+
+Round-trip time (docs/deployment-notes.md): ``start_supernode(..., warm_clientapp=True)``
+runs the SuperNode with ``--isolation process`` and our own SuperExec
+(``run_warm_superexec``), which imports Flower, torch and our ClientApp once and forks a
+child per message instead of starting ``flwr-clientapp`` afresh (3-10 s of imports per
+message); ``idle_poll`` shortens the SuperNode's fixed 3 s wait between polls.
 """
 
 from __future__ import annotations
@@ -28,9 +37,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+import os
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,12 +56,16 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from fl_server.provision import server_certificate_problems
 from fl_server.superlink import (
+    PACKED_LAYOUT,
     ManagedProcess,
     flower_bin,
     flower_env,
     free_port,
     log_length,
+    pack_arrays,
+    packed_layout,
     spawn,
+    unpack_arrays,
 )
 
 _NODE_ID = re.compile(r"SuperNode ID: (\d+)")
@@ -304,6 +319,8 @@ def start_supernode(
     connect_timeout: float = 60.0,
     task_poll_interval: float | None = None,
     extra_env: dict[str, str] | None = None,
+    warm_clientapp: bool = False,
+    idle_poll: float | None = None,
 ) -> SuperNodeHandle:
     """Start ``flower-supernode`` for one site.
 
@@ -313,7 +330,10 @@ def start_supernode(
     retries (Flower's default: retry forever). With ``wait`` this returns once the
     SuperLink accepted the node, or raises SuperNodeError with a one-line reason.
     ``task_poll_interval`` sets FLWR_SUPEREXEC_TASK_POLL_INTERVAL (how often the
-    SuperExec looks for a ClientApp to launch; Flower's default 1 s).
+    SuperExec looks for a ClientApp to launch; Flower's default 1 s). ``warm_clientapp``
+    replaces Flower's SuperExec by ``run_warm_superexec`` (same process group, same log).
+    ``idle_poll`` runs the SuperNode through ``run_flower_supernode``: it asks the
+    SuperLink for work every ``idle_poll`` s when idle, instead of Flower's fixed 3 s.
     """
     work = Path(work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -326,8 +346,12 @@ def start_supernode(
 
     config_path = work / "node_config.toml"
     config_path.write_text(tomli_w.dumps(node_config))
+    launcher = [flower_bin("flower-supernode")] if idle_poll is None else [
+        sys.executable, "-c",
+        f"from fl_client.supernode import run_flower_supernode; run_flower_supernode({idle_poll!r})",
+    ]
     cmd = [
-        flower_bin("flower-supernode"),
+        *launcher,
         "--superlink", superlink_address,
         "--root-certificates", str(ca_path),
         "--auth-supernode-private-key", str(key_path),
@@ -337,16 +361,26 @@ def start_supernode(
     ]
     if max_wait_time is not None:
         cmd += ["--max-wait-time", str(max_wait_time)]
+    if warm_clientapp:
+        cmd += ["--isolation", "process"]
     extra = dict(extra_env or {})
     if task_poll_interval is not None:
         extra["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(task_poll_interval)
     log_path = work / "supernode.log"
     offset = log_length(log_path)
+    env = flower_env(work / "flwr_home", extra)
+    # warm: the SuperNode leads a new group in this session, which the SuperExec joins
+    process = spawn(cmd, log_path, env, cwd=work, process_group=0 if warm_clientapp else None)
     handle = SuperNodeHandle(
-        process=spawn(cmd, log_path, flower_env(work / "flwr_home", extra), cwd=work),
-        log_path=log_path, site=site, superlink_address=superlink_address,
+        process=process, log_path=log_path, site=site, superlink_address=superlink_address,
         clientappio_port=port, ca_cert=ca_path, private_key=key_path, log_offset=offset,
     )
+    if warm_clientapp:
+        try:
+            _spawn_warm_superexec(f"127.0.0.1:{port}", process.pid, log_path, env, work)
+        except BaseException:
+            handle.stop()
+            raise
     if wait:
         try:
             handle.wait_connected(connect_timeout)
@@ -354,6 +388,125 @@ def start_supernode(
             handle.stop()
             raise
     return handle
+
+
+class _ShorterSleeps:
+    """Stands in for the ``time`` module of ``flwr.supernode.start_client_internal``:
+    every ``sleep`` there lasts at most ``limit`` seconds."""
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(min(seconds, self.limit))
+
+
+def run_flower_supernode(idle_poll: float) -> None:
+    """``flower-supernode`` (arguments from ``sys.argv``) whose main loop, when no message
+    is waiting, asks the SuperLink again after ``idle_poll`` s instead of a hard-coded
+    ``time.sleep(3)`` (flwr 1.42), and checks for the ClientApp's reply as often (0.5 s).
+    Each idle poll is one small HTTPS request to the SuperLink."""
+    from flwr.supernode import start_client_internal as loop
+    from flwr.supernode.cli import flower_supernode
+
+    loop.time = _ShorterSleeps(idle_poll)
+    sys.argv[0] = "flower-supernode"
+    sys.exit(flower_supernode())
+
+
+def _spawn_warm_superexec(
+    runtime_address: str, supernode_pid: int, log_path: Path, env: dict[str, str], cwd: Path
+) -> subprocess.Popen:
+    """Start ``run_warm_superexec`` in the SuperNode's process group (stopped with it),
+    its output appended to the SuperNode's log."""
+    code = ("from fl_client.supernode import run_warm_superexec; "
+            f"run_warm_superexec({runtime_address!r}, {supernode_pid})")
+    return spawn([sys.executable, "-c", code], log_path, env, cwd, process_group=supernode_pid)
+
+
+def run_warm_superexec(runtime_address: str, supernode_pid: int, timeout: float = 60.0) -> None:
+    """Flower's SuperExec loop (``flwr.supercore.superexec.run_superexec``) with an
+    executor that forks this process for each ClientApp task, the child running Flower's
+    own ``run_clientapp``. Flower, torch, MONAI and our ClientApp are imported here once,
+    so a message no longer waits for a fresh ``flwr-clientapp`` to import them. Each child
+    starts from this pristine process: nothing carries over from one message to the next.
+
+    Written against flwr 1.42 internals (the executor factory, ``run_clientapp``); exits
+    when the SuperNode ``supernode_pid`` does."""
+    import fl_client.client_app  # noqa: F401  the ClientApp and everything it imports
+    import torch._dynamo  # noqa: F401  imported by the first torch.optim optimizer: 2-6 s
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.inflatable import inflatable_utils
+    from flwr.supercore.superexec import run_superexec as superexec
+    from flwr.supercore.superexec.executor import SubprocessExecutor
+    from flwr.supercore.superexec.executor.types import ExecutionSpec, LaunchResult
+    from flwr.supernode.runtime.run_clientapp import run_clientapp
+
+    class ForkExecutor(SubprocessExecutor):
+        """Fork for a ClientApp task; anything else as Flower's subprocess executor."""
+
+        def launch(self, spec: ExecutionSpec) -> LaunchResult:
+            if spec.task_type != TaskType.CLIENT_APP or not spec.insecure:
+                return super().launch(spec)
+            if os.fork() == 0:  # the child never returns into the SuperExec loop
+                code = 1
+                try:
+                    run_clientapp(runtime_api_address=spec.runtime_api_address, token=spec.token,
+                                  insecure=True, parent_pid=spec.parent_pid)
+                    code = 0
+                except SystemExit as exc:  # Flower ends every task with sys.exit
+                    code = exc.code if isinstance(exc.code, int) else 1
+                except BaseException:  # noqa: BLE001
+                    import traceback
+
+                    traceback.print_exc()
+                finally:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(code)
+            return LaunchResult.accepted()
+
+        def reconcile(self) -> None:
+            """Reap finished children."""
+            try:
+                while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                    pass
+            except ChildProcessError:
+                pass
+
+    host, port = split_address(runtime_address)
+    deadline = time.monotonic() + timeout
+    while not _port_listening(host, port):  # the SuperNode opens its Runtime API first
+        if time.monotonic() > deadline or not _pid_alive(supernode_pid):
+            sys.exit(f"warm SuperExec: no SuperNode Runtime API on {runtime_address}")
+        time.sleep(0.1)
+    superexec.get_executor = lambda *args, **kwargs: ForkExecutor()
+    # A forked ClientApp asks the SuperNode for the message's arrays while the SuperNode is
+    # still receiving them; Flower then backs off 1 s, 2 s, ... before asking again.
+    inflatable_utils.pull_objects.__kwdefaults__.update(initial_backoff=0.05, backoff_cap=0.2)
+    superexec.run_superexec(runtime_api_address=runtime_address, insecure=True,
+                            parent_pid=supernode_pid)
+
+
+def _port_listening(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def diagnose_supernode(
@@ -412,17 +565,29 @@ _MAX_TEXT = 200
 def describe_reply(reply: Message) -> dict[str, Any]:
     """What a reply carries, without its array contents: per record its kind and, per
     entry, an array's shape/dtype/bytes, a metric's value (a list only by its length)
-    or a config value (long text cut)."""
+    or a config value (long text cut). Arrays packed into one buffer (``pack_arrays``)
+    are listed one by one from the layout sent with them, which is checked against the
+    buffer; the layout record itself is not listed."""
     if reply.has_error():
         return {"error": f"code {reply.error.code}: {reply.error.reason}"[:_MAX_TEXT]}
     records: dict[str, Any] = {}
     total = 0
+    layout = packed_layout(reply.content) or {}
     for name, record in reply.content.items():
         total += record.count_bytes()
-        if name in reply.content.array_records:
+        if name in layout:
+            buffer = len(record["packed"].data)
+            items = {key: {"shape": shape, "dtype": dtype, "bytes": size}
+                     for key, dtype, shape, _stype, size in layout[name]}
+            if buffer != sum(item["bytes"] for item in items.values()):
+                items = {"packed": {"shape": [buffer], "dtype": "uint8", "bytes": buffer}}
+            records[name] = {"kind": "arrays", "packed": True, "items": items}
+        elif name in reply.content.array_records:
             items = {key: {"shape": list(arr.shape), "dtype": str(arr.dtype), "bytes": len(arr.data)}
                      for key, arr in record.items()}
             records[name] = {"kind": "arrays", "items": items}
+        elif name == PACKED_LAYOUT and layout:
+            continue
         else:
             kind = "metrics" if name in reply.content.metric_records else "config"
             records[name] = {"kind": kind, "items": {k: _value(v) for k, v in record.items()}}
@@ -442,25 +607,49 @@ def _value(value: Any) -> Any:
 def sent_log_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """ClientApp mod: run the handler, then append to ``<work_dir>/sent.log`` what the
     reply carries (message type, round, array names/shapes/sizes, metric names and
-    values) and the handler's time. Only in deployment, where ``node_config`` names the
-    site YAML; a failure to write the log never fails the reply."""
+    values, or the error text Flower sends when the handler raises) and the handler's
+    time. Only in deployment, where ``node_config`` names the site YAML; a failure to
+    write the log never fails the reply."""
     config = msg.content.config_records.get("config") if msg.has_content() else None
-    server_round = config.get("server-round") if config is not None else None
-    started = time.monotonic()
-    reply = call_next(msg, context)
-    site_config = context.node_config.get("site-config")
-    if site_config is None:
-        return reply
-    from shared.config import load_site  # the site's work_dir; no torch import
-
     entry = {
         "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "run_id": msg.metadata.run_id,
-        "message_type": reply.metadata.message_type,
-        "round": server_round,
-        "handler_s": round(time.monotonic() - started, 3),
-        **describe_reply(reply),
+        "message_type": msg.metadata.message_type,
+        "round": config.get("server-round") if config is not None else None,
     }
+    started = time.monotonic()
+    try:
+        reply = call_next(msg, context)
+    except Exception as exc:  # Flower replies with the exception's text: log that too
+        entry["handler_s"] = round(time.monotonic() - started, 3)
+        entry["error"] = f"{type(exc).__name__}: {exc}"[:_MAX_TEXT]
+        _append_sent_log(context, entry)
+        raise
+    entry["handler_s"] = round(time.monotonic() - started, 3)
+    entry.update(describe_reply(reply))
+    _append_sent_log(context, entry)
+    return reply
+
+
+def packed_arrays_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """ClientApp mod: a message whose arrays the ServerApp packed into one buffer
+    (``fl_server.superlink.PollingGrid``) reaches the handler unpacked, and its reply's
+    arrays travel packed the same way. Unpacked messages (simulation) pass untouched."""
+    packed = msg.has_content() and packed_layout(msg.content) is not None
+    if packed:
+        msg.content = unpack_arrays(msg.content)
+    reply = call_next(msg, context)
+    if packed and reply.has_content():
+        reply.content = pack_arrays(reply.content)
+    return reply
+
+
+def _append_sent_log(context: Context, entry: dict[str, Any]) -> None:
+    site_config = context.node_config.get("site-config")
+    if site_config is None:  # simulation: nothing leaves the machine
+        return
+    from shared.config import load_site  # the site's work_dir; no torch import
+
     try:
         work_dir = load_site(str(site_config)).work_dir
         work_dir.mkdir(parents=True, exist_ok=True)
@@ -468,4 +657,3 @@ def sent_log_mod(msg: Message, context: Context, call_next: ClientAppCallable) -
             log.write(json.dumps(entry) + "\n")
     except Exception as err:  # noqa: BLE001 - the log must not cost the round
         print(f"sent_log_mod: could not write {SENT_LOG}: {err}", flush=True)
-    return reply

@@ -11,6 +11,8 @@ Pure functions over ``cryptography`` (no Flower import). Layout written by ``pro
       sites/<site>/<site>_auth (0600)             EC private key, OpenSSH format
       sites/<site>/<site>_auth.pub                its OpenSSH public key
       sites/<site>/README.txt
+      sites/<site>/site.yaml                      skeleton written by `fl-server provision`
+                                                  (fl_server.operator), not by provision()
 
 Flower 1.42 has no key list file: with ``--enable-supernode-auth`` the operator registers
 each site's public key through the Control API (``flwr supernode register <pub>``), see
@@ -64,9 +66,11 @@ Server address(es): {hosts}
 
 To start:
   1. Copy this folder to the machine that runs fl-client.
-  2. Point your site.yaml at these files (ca.crt and {site}_auth) and the server address.
+  2. In site.yaml, replace the /path/to/... placeholders with your data folders (the server
+     address, ca.crt and {site}_auth are already filled in; see the comments there).
   3. Check your configuration:   fl-client check --site site.yaml
   4. Start the client:           fl-client start --site site.yaml
+     It logs what it sends each round (weights' shapes, metric names) in <work_dir>/sent.log.
 """
 
 

@@ -1,0 +1,234 @@
+"""`fl-client start`: check the site, check the TLS connection, run the site's SuperNode.
+
+In order: the site YAML and every data file are checked as `fl-client check` does; the
+deployment files (CA, private key, local port) are checked; `wait_for_superlink` waits,
+with backoff, until the consortium server answers and its certificate is the right one;
+then `flower-supernode` runs with the CA, the site's key, node config
+`site-config=<absolute path of the site YAML>` and the ClientApp port `deployment.port`.
+It runs until Ctrl-C (or SIGTERM). Each reply the site sends is summarised on the console
+from `<work_dir>/sent.log` (written by the ClientApp's `sent_log_mod`).
+
+If the SuperLink drops the SuperNode (its database was replaced, or the key was revoked),
+the SuperNode is started once more: a revoked key is then refused at activation, which
+ends `fl-client start` with a one-line error. Every failure is one line on stderr and a
+non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from fl_client.supernode import (
+    SENT_LOG,
+    SuperLinkConnectionError,
+    SuperNodeError,
+    SuperNodeHandle,
+    check_superlink,
+    load_site_key,
+    split_address,
+    start_supernode,
+    wait_for_superlink,
+)
+from shared.config import SiteConfig, load_site
+
+WAIT_TIMEOUT = 600.0  # how long to wait for an unreachable consortium server, seconds
+TASK_POLL_INTERVAL = 0.2  # FLWR_SUPEREXEC_TASK_POLL_INTERVAL (Flower's default: 1 s)
+IDLE_POLL = 0.5  # the SuperNode asks the SuperLink for work this often (Flower: 3 s)
+# Set to 1 to run Flower's SuperNode exactly as shipped (fresh ClientApp process per
+# message, 3 s idle poll), e.g. if a Flower update breaks the tuned launch.
+FLOWER_DEFAULTS_ENV = "FL_CLIENT_FLOWER_DEFAULTS"
+SUPERNODE_DIR = "supernode"  # under work_dir: supernode.log, node_config.toml, FLWR_HOME
+
+
+class StartError(RuntimeError):
+    """Why the site cannot start, in one line."""
+
+
+def _say(text: str) -> None:
+    print(f"fl-client: {text}", flush=True)
+
+
+def _fail(text: str) -> int:
+    print(f"fl-client: {text}", file=sys.stderr, flush=True)
+    return 1
+
+
+def check_deployment(site: SiteConfig, superlink: str | None) -> str:
+    """The SuperLink address to use; raises StartError when the deployment section, the
+    key or the local port cannot work."""
+    source = site.source_file
+    dep = site.deployment
+    if dep is None:
+        raise StartError(f"{source}: deployment: is required by fl-client start (superlink, "
+                         "ca_cert, private_key: see the site.yaml made by fl-server provision)")
+    address = superlink or dep.superlink
+    try:
+        split_address(address)
+    except ValueError as err:
+        raise StartError(f"{source}: deployment.superlink: {err}") from None
+    if not dep.ca_cert.is_file():
+        raise StartError(f"{source}: deployment.ca_cert: {dep.ca_cert} does not exist")
+    try:
+        load_site_key(dep.private_key)
+    except SuperNodeError as err:
+        raise StartError(f"{source}: deployment.private_key: {err}") from None
+    if dep.private_key.stat().st_mode & 0o077:
+        _say(f"warning: {dep.private_key} is readable by other accounts; chmod 600 it")
+    if _port_taken(dep.port):
+        raise StartError(f"{source}: deployment.port: port {dep.port} on 127.0.0.1 is in use "
+                         "(another SuperNode on this machine?); give this site another port")
+    return address
+
+
+def _port_taken(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def check_site(site: SiteConfig) -> list[str]:
+    """`fl-client check`'s problems, errors first; raises StartError listing the errors."""
+    from shared.data import check_site_data
+
+    problems = check_site_data(site)
+    errors = [p for p in problems if p.level == "error"]
+    if errors:
+        lines = "\n".join(f"  error: {p}" for p in errors)
+        raise StartError(f"{site.source_file}: {len(errors)} problem(s) in the site's data "
+                         f"(fix them, then run fl-client check --site {site.source_file}):\n{lines}")
+    return [str(p) for p in problems]
+
+
+def wait_until_reachable(address: str, ca_cert: Path, timeout: float) -> None:
+    """``wait_for_superlink`` with a line on the console while the server is unreachable."""
+    problem = check_superlink(address, ca_cert)
+    if problem is None:
+        return
+    if problem[0] == "unreachable":
+        _say(f"waiting for the consortium server ({problem[1]}); retrying for up to {timeout:.0f}s")
+    try:
+        wait_for_superlink(address, ca_cert, timeout=timeout)
+    except SuperLinkConnectionError as err:
+        raise StartError(str(err)) from None
+
+
+def start_site(site_path: Path | str, superlink: str | None = None,
+               wait_timeout: float = WAIT_TIMEOUT) -> int:
+    """`fl-client start`; returns the exit code (0 when stopped with Ctrl-C/SIGTERM)."""
+    site = load_site(site_path)
+    try:
+        for warning in check_site(site):
+            _say(f"warning: {warning}")
+        address = check_deployment(site, superlink)
+        wait_until_reachable(address, site.deployment.ca_cert, wait_timeout)
+    except StartError as err:
+        return _fail(str(err))
+
+    handle: SuperNodeHandle | None = None
+    with _sigterm_as_interrupt():
+        try:
+            while True:
+                handle = _run_supernode(site, address, wait_timeout)
+                reason = _follow(handle, site.work_dir / SENT_LOG)
+                if handle.node_id is None or handle.process.returncode != 0:
+                    return _fail(reason)
+                # HTTP 401: the server runs on a new database, or the key was revoked (then
+                # the next activation is refused, which ends fl-client start)
+                _say(f"site {site.name}: the SuperLink dropped this SuperNode (its key was revoked, "
+                     "or the server started a new database); connecting again")
+                handle.stop()
+                wait_until_reachable(address, site.deployment.ca_cert, wait_timeout)
+        except (StartError, SuperNodeError, TimeoutError) as err:
+            return _fail(str(err))
+        except KeyboardInterrupt:
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C waits
+            if handle is not None:
+                handle.stop()
+            signal.signal(signal.SIGINT, previous)
+            _say(f"site {site.name}: SuperNode stopped")
+            return 0
+        finally:
+            if handle is not None:
+                handle.stop()
+
+
+def _run_supernode(site: SiteConfig, address: str, timeout: float) -> SuperNodeHandle:
+    dep = site.deployment
+    tuned = os.environ.get(FLOWER_DEFAULTS_ENV, "") not in ("1", "true", "yes")
+    handle = start_supernode(
+        address, dep.ca_cert, dep.private_key, {"site-config": str(site.source_file)},
+        clientappio_port=dep.port, work_dir=site.work_dir / SUPERNODE_DIR, site=site.name,
+        wait=True, connect_timeout=timeout,
+        task_poll_interval=TASK_POLL_INTERVAL if tuned else None,
+        warm_clientapp=tuned, idle_poll=IDLE_POLL if tuned else None,
+    )
+    _say(f"site {site.name}: connected to {address} as node {handle.node_id}; log in "
+         f"{handle.log_path}, what is sent in {site.work_dir / SENT_LOG}; Ctrl-C stops")
+    return handle
+
+
+def _follow(handle: SuperNodeHandle, sent_log: Path) -> str:
+    """Print a line per reply the site sends until the SuperNode exits; why it exited."""
+    offset = sent_log.stat().st_size if sent_log.exists() else 0
+    while True:
+        running = handle.is_running()
+        offset = _print_sent(sent_log, offset)
+        if not running:
+            return handle.failure() or "SuperNode stopped"
+        time.sleep(1.0)
+
+
+def _print_sent(sent_log: Path, offset: int) -> int:
+    if not sent_log.exists():
+        return offset
+    with open(sent_log) as log:
+        log.seek(offset)
+        for line in log:
+            if line.endswith("\n"):
+                offset += len(line.encode())
+                _say(summarise_sent(json.loads(line)))
+    return offset
+
+
+def summarise_sent(entry: dict) -> str:
+    """One console line for one sent.log entry."""
+    where = f"round {entry['round']} " if entry.get("round") is not None else ""
+    head = f"sent {where}{entry['message_type']} reply"
+    if "error" in entry:
+        return f"{head}: error ({entry['error']})"
+    parts = []
+    for record in entry["records"].values():
+        items = record["items"]
+        if record["kind"] == "arrays":
+            parts.append(f"{len(items)} weight arrays")
+        elif record["kind"] == "metrics":
+            parts.append(f"{len(items)} metrics")
+    return f"{head}: {', '.join(parts)} ({entry['bytes'] / 1024:.0f} kB, handler {entry['handler_s']:.1f}s)"
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt like Ctrl-C does (main thread only)."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
