@@ -14,6 +14,7 @@ writes a loaded config back out, fully resolved, for the run directory.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -30,7 +31,7 @@ JUDGE_KINDS = ("agreement", "uncertainty", "learned", "oracle")
 DEVICES = ("auto", "cpu", "cuda")
 METHODS = ("rn_dpo", "dpo", "pseudo_label", "entropy", "none")
 MINING_STRATEGIES = ("top_bottom", "top_random", "gap", "skip_top")
-AGGREGATIONS = ("reliability", "fedavg")
+AGGREGATIONS = ("reliability", "fedavg", "median")
 MODELS = ("unet", "basic_unet")
 TTA_TRANSFORMS = ("identity", "hflip", "vflip", "hvflip", "rot90", "rot270")
 SPLITS = ("labeled", "calibration", "unlabeled", "test")
@@ -204,7 +205,12 @@ class PreferenceConfig:
 
 @dataclass(frozen=True)
 class AggregationConfig:
-    """How the server combines site updates and tracks judge reliability."""
+    """How the server combines site updates and tracks judge reliability.
+
+    kind: `reliability` (FedAvg weighted by pairs used x g(judge reliability)), `fedavg` (by pairs
+    used) or `median` (coordinate-wise median of the preference updates, Flower's FedMedian maths;
+    supervised rounds are averaged by labelled images under every kind).
+    """
 
     kind: str = field(default="reliability", metadata=_choice(*AGGREGATIONS))
     ema: float = field(default=0.5, metadata=_probability)
@@ -428,10 +434,8 @@ def _convert(hint, value, key: str, ctx: _Context):
         return value
     if hint is float:
         if isinstance(value, str):  # YAML 1.1 reads `1e-4` as a string
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value)
-            except ValueError:
-                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ctx.error(key, f"expected a number, got {_describe(value)}")
         return float(value)

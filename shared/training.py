@@ -9,6 +9,7 @@ It returns only aggregate numbers; the weights stay in the model the caller pass
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -240,12 +241,10 @@ def prepare_learned_judge(judge_cfg: JudgeConfig, work_dir, labeled: SplitData, 
     k segmenters, each trained on k-1 folds of the labelled split, propose masks for the fold
     they never saw (DESIGN.md: in-sample proposals are near perfect and teach the judge nothing).
     """
-    from shared.judges.learned import LearnedJudge, out_of_fold_indices
+    from shared.judges.learned import JUDGE_FILE, LearnedJudge, out_of_fold_indices
 
-    try:
+    if (Path(work_dir) / JUDGE_FILE).exists():  # trained in an earlier round
         return LearnedJudge.load(work_dir, in_channels=labeled.images.shape[1], image_size=labeled.images.shape[-1])
-    except FileNotFoundError:
-        pass
     _require_masks(labeled, "labeled")
     n = len(labeled.names)
     oof = torch.zeros((n, proposals_cfg_k(proposals_cfg), *labeled.masks.shape[-2:]), dtype=torch.uint8)
