@@ -271,3 +271,25 @@ def test_demo_perfect_judge_does_not_reduce_test_dice_and_inverted_is_reported(m
     inverted, dice_inverted = _demo_round(montgomery, invert=True)
     assert inverted.metrics["rel_pair_accuracy"] < 0.5
     assert dice_inverted < dice_perfect, (dice_inverted, dice_perfect)
+
+
+def test_learned_judge_is_trained_once_on_out_of_fold_proposals_and_kept(tmp_path):
+    from shared.config import JudgeConfig
+    from shared.training import prepare_learned_judge
+
+    labeled = _disks(12, seed=5)
+    cfg = JudgeConfig(kind="learned", train_steps=20, folds=2)
+    proposals = ProposalConfig(tta=("identity", "hflip"), mc_samples=1, thresholds=(0.5,))
+    supervised = SupervisedConfig(steps=5, lr=3e-3, batch_size=4)
+    judge = prepare_learned_judge(cfg, tmp_path, labeled, _tiny_model, supervised, proposals, torch.device("cpu"))
+    assert (tmp_path / "learned_judge.pt").exists()
+
+    def no_retraining():
+        raise AssertionError("the saved judge must be loaded, not retrained")
+
+    again = prepare_learned_judge(cfg, tmp_path, labeled, no_retraining, supervised, proposals, torch.device("cpu"))
+    masks = labeled.masks.repeat(1, 3, 1, 1)
+    masks[:, 1] = 0
+    probe = type("P", (), {"masks": masks})()
+    torch.testing.assert_close(judge.score(labeled.images, probe), again.score(labeled.images, probe))
+    assert judge.score(labeled.images, probe).shape == (12, 3)
