@@ -22,7 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from shared.aggregation import norm_outliers, update_norm, update_problem, weighted_average
+from shared.aggregation import coordinate_median, norm_outliers, update_norm, update_problem, weighted_average
 from shared.config import ConsortiumConfig, PreferenceConfig, to_dict
 from shared.ledger import EXCLUDED, Ledger
 from fl_server.run_dir import RunDir, config_hash, load_state
@@ -159,6 +159,10 @@ class ConsortiumStrategy(FedAvg):
             log.warning("every aggregation weight is zero this round: global model unchanged")
             return global_state, False
         contributing = [s for s in accepted if outcomes[s].weight > 0]
+        if phase == "preference" and self.cfg.aggregation.kind == "median":
+            for site in accepted:  # every site that trained on pairs counts once
+                outcomes[site].weight = 1.0 / len(contributing) if site in contributing else 0.0
+            return coordinate_median([outcomes[s].state for s in contributing]), True
         new_state = weighted_average([outcomes[s].state for s in contributing], [outcomes[s].weight for s in contributing])
         return new_state, True
 

@@ -1,5 +1,8 @@
 """Checking and averaging site updates (DESIGN.md section 4), over plain torch state dicts.
 
+`coordinate_median` is the robust alternative (`aggregation.kind: median`): Flower's FedMedian
+maths (numpy's median per coordinate, so the mean of the two middle values for an even count).
+
 An update is rejected, never averaged in, when its keys or shapes differ from the global
 model's, when it holds NaN or Inf, or when the norm of its change is more than `factor` times
 the median change of the round (a site that diverged or sends garbage).
@@ -73,3 +76,25 @@ def weighted_average(updates: Sequence[State], weights: Sequence[float]) -> dict
             acc += update[key].double() * (weight / total)
         averaged[key] = acc.to(first.dtype)
     return averaged
+
+
+def coordinate_median(updates: Sequence[State]) -> dict[str, torch.Tensor]:
+    """Coordinate-wise median of state dicts, computed in float64 and cast back to each dtype.
+
+    Matches Flower's FedMedian (`np.median` over the clients' arrays): with an even number of
+    updates it is the mean of the two middle values, so with two updates it equals their plain
+    mean. Unweighted by design: one site's update cannot pull a coordinate past the middle.
+    Integer buffers (counters) are taken from the first update.
+    """
+    if not updates:
+        raise ValueError("need at least one update to take a median")
+    median = {}
+    for key, first in updates[0].items():
+        if not first.is_floating_point():
+            median[key] = first.clone()
+            continue
+        ordered = torch.stack([update[key].double() for update in updates]).sort(dim=0).values
+        mid = len(updates) // 2
+        middle = ordered[mid] if len(updates) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+        median[key] = middle.to(first.dtype)
+    return median

@@ -1,0 +1,156 @@
+"""The experiment harness end to end on a tiny preset (plumbing, not results).
+
+Two demo lung sites at 32 px, a tiny UNet, two arms (the untouched base and RN-DPO), one seed,
+1 supervised + 2 preference rounds, a third demo site as the unseen centre. Real fl-sim runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from benchmarks import experiments
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_preset(tmp_path: Path) -> Path:
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(textwrap.dedent(f"""\
+        name: tiny
+        seeds: [3]
+        cpus: 2
+        out: {tmp_path / 'out'}
+        timeout_s: 300
+        tasks:
+          lung:
+            consortium: {ROOT / 'sites' / 'demo' / 'consortium.yaml'}
+            sites: [montgomery, shenzhen_a]
+            unseen: [{ROOT / 'sites' / 'demo' / 'shenzhen_b.yaml'}]
+            image_size: 32
+            set:
+              model: {{name: unet, channels: [8, 16, 32], strides: [2, 2], num_res_units: 1, dropout: 0.1}}
+              supervised: {{rounds: 1, steps: 15, lr: 0.01, batch_size: 4}}
+              preference:
+                rounds: 2
+                steps: 4
+                batch_pairs: 4
+                max_unlabeled: 12
+                proposals: {{tta: [identity, hflip], mc_samples: 2, thresholds: [0.3, 0.5, 0.7]}}
+              federation: {{min_sites: 2, round_timeout: 120}}
+            site_set: {{device: cpu}}
+        arm_defaults:
+          set: {{preference: {{method: rn_dpo, lambda_sup: 1.0}}}}
+          judge: {{kind: oracle, noise_std: 0.1}}
+        arms:
+          - {{name: base, groups: [method], set: {{preference: {{method: none, lambda_sup: 0.0}}}}}}
+          - {{name: rn_dpo, groups: [method]}}
+        quick:
+          arms: [rn_dpo]
+        """))
+    return preset
+
+
+def test_preset_loading_merges_defaults_quick_and_rejects_unknown_keys(tmp_path):
+    preset = experiments.load_preset(write_preset(tmp_path))
+    assert [a.name for a in preset.arms] == ["base", "rn_dpo"]
+    assert preset.arms[0].is_untouched_base and not preset.arms[1].is_untouched_base
+    assert preset.arms[1].set["preference"]["method"] == "rn_dpo"
+    assert preset.arms[1].judge == {"kind": "oracle", "noise_std": 0.1}
+    assert [a.name for a in experiments.load_preset(write_preset(tmp_path), quick=True).arms] == ["rn_dpo"]
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(write_preset(tmp_path).read_text().replace("timeout_s:", "timeout:"))
+    with pytest.raises(experiments.PresetError, match="timeout: unknown key"):
+        experiments.load_preset(bad)
+
+
+def test_tiny_grid_writes_table_csv_and_plots(tmp_path):
+    preset = write_preset(tmp_path)
+    out = tmp_path / "out"
+    assert experiments.main(["--preset", str(preset)]) == 0
+
+    with (out / "results.csv").open() as f:
+        rows = {row["arm"]: row for row in csv.DictReader(f)}
+    assert set(rows) == {"base", "rn_dpo"}  # one row per arm
+    for row in rows.values():
+        assert row["task"] == "lung" and row["seeds_done"] == "1"
+        for key in ("base_dice_mean", "peak_dice_mean", "last_dice_mean", "last_unseen_dice_mean"):
+            assert 0.0 < float(row[key]) <= 1.0, (key, row[key])
+    base, rn = rows["base"], rows["rn_dpo"]
+    assert float(base["last_dice_mean"]) == pytest.approx(float(base["base_dice_mean"]))
+    assert float(base["falls_mean"]) == 0
+    assert float(rn["n_rounds_mean"]) == 2 and 1 <= float(rn["peak_round_mean"]) <= 2
+    assert 0 <= float(rn["falls_mean"]) <= 2
+    assert float(rn["peak_dice_mean"]) >= float(rn["last_dice_mean"])
+    assert float(rn["base_dice_mean"]) == pytest.approx(float(base["base_dice_mean"]))  # same base weights
+    assert 0.0 <= float(rn["rel_montgomery_pair_accuracy_mean"]) <= 1.0
+
+    with (out / "rounds.csv").open() as f:
+        rounds = [r for r in csv.DictReader(f) if r["arm"] == "rn_dpo"]
+    assert [r["round"] for r in rounds] == ["0", "1", "2"]
+    assert all(0.0 < float(r["shenzhen_b_dice"]) <= 1.0 for r in rounds)
+
+    table = (out / "results.md").read_text()
+    assert "| rn_dpo |" in table and "| base |" in table and "Not finished" not in table
+    assert "python benchmarks/experiments.py --preset" in table
+    plots = sorted((out / "plots").glob("*.png"))
+    assert [p.name for p in plots] == ["lung_method.png"]
+    assert plots[0].stat().st_size > 1000
+
+    # a second call finds every run finished and only rebuilds the outputs
+    assert experiments.main(["--preset", str(preset), "--report-only"]) == 0
+    assert "| rn_dpo |" in (out / "results.md").read_text()
+
+
+# ----------------------------------------------------------------------------- median aggregation
+# (the robust aggregation arm of the grid: aggregation.kind median, Flower's FedMedian maths)
+
+
+def test_coordinate_median_matches_numpy_median():
+    import numpy as np
+    import torch
+
+    from shared.aggregation import coordinate_median
+
+    # odd count: the middle value per coordinate; an outlier (1000) cannot move it
+    updates = [{"w": torch.tensor([1.0, 5.0]), "n": torch.tensor(7)},
+               {"w": torch.tensor([2.0, 1000.0]), "n": torch.tensor(8)},
+               {"w": torch.tensor([3.0, 4.0]), "n": torch.tensor(9)}]
+    median = coordinate_median(updates)
+    assert median["w"].tolist() == [2.0, 5.0]  # by hand: sorted (1,2,3) and (4,5,1000)
+    assert median["n"].item() == 7  # integer buffers come from the first update
+    # even count: numpy's median, the mean of the two middle values (so two updates -> their mean)
+    rng = np.random.default_rng(0)
+    arrays = [rng.normal(size=(3, 4)).astype(np.float32) for _ in range(4)]
+    got = coordinate_median([{"w": torch.from_numpy(a)} for a in arrays])["w"]
+    assert got.dtype == torch.float32
+    np.testing.assert_allclose(got.numpy(), np.median(np.stack(arrays), axis=0), rtol=1e-6)
+    with pytest.raises(ValueError):
+        coordinate_median([])
+
+
+def test_median_aggregation_in_the_strategy(tmp_path):
+    import torch
+
+    from fl_server.federation import ConsortiumStrategy, SiteOutcome
+    from shared.config import load_consortium
+    from shared.ledger import Ledger
+
+    path = tmp_path / "c.yaml"
+    path.write_text("name: m\nrun_dir: run\nserver: {sites: [a, b, c]}\naggregation: {kind: median}\n")
+    cfg = load_consortium(path)
+    strategy = ConsortiumStrategy(cfg, Ledger())
+    values = {"a": [0.0, 1.0], "b": [1.0, 2.0], "c": [-50.0, 90.0]}
+    outcomes = {s: SiteOutcome(s, train={"num-examples": 10.0}, state={"w": torch.tensor(v)}) for s, v in values.items()}
+    outcomes["d"] = SiteOutcome("d", train={"num-examples": 0.0}, state={"w": torch.tensor([9.0, 9.0])})  # no pairs
+    state, changed = strategy.aggregate("preference", outcomes, {"w": torch.zeros(2)})
+    assert changed and state["w"].tolist() == [0.0, 2.0]
+    assert [outcomes[s].weight for s in "abcd"] == pytest.approx([1 / 3, 1 / 3, 1 / 3, 0.0])
+    # supervised rounds stay a weighted average
+    outcomes = {s: SiteOutcome(s, train={"num-examples": 10.0}, state={"w": torch.tensor(v)}) for s, v in values.items()}
+    state, _ = strategy.aggregate("supervised", outcomes, {"w": torch.zeros(2)})
+    assert state["w"].tolist() == pytest.approx([-49 / 3, 31.0])
