@@ -64,6 +64,7 @@ def train(msg: Message, site) -> Message:
         _settings(config, "supervised", SupervisedConfig),
         _settings(config, "preference", PreferenceConfig),
         seed=int(config["seed"]),
+        reference_state=msg.content["reference"].to_torch_state_dict() if "reference" in msg.content.array_records else None,
     )
     if "sim-run-dir" in config and result.pairs is not None:  # simulation only: overlays stay local
         from shared.data import load_site_data

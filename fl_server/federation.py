@@ -22,7 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from shared.aggregation import coordinate_median, norm_outliers, update_norm, update_problem, weighted_average
+from shared.aggregation import coordinate_median, krum_select, norm_outliers, update_norm, update_problem, weighted_average
 from shared.config import ConsortiumConfig, PreferenceConfig, to_dict
 from shared.ledger import EXCLUDED, Ledger
 from fl_server.run_dir import RunDir, config_hash, load_state
@@ -80,8 +80,9 @@ class ConsortiumStrategy(FedAvg):
             else:
                 self.node_sites[reply.metadata.src_node_id] = str(reply.content["site"]["name"])
 
-    def configure_train(self, server_round, arrays, config, grid) -> Iterable[Message]:
-        """One message per node; each site gets the settings its ledger state calls for."""
+    def configure_train(self, server_round, arrays, config, grid, reference: ArrayRecord | None = None) -> Iterable[Message]:
+        """One message per node; each site gets the settings its ledger state calls for, and the
+        fixed DPO reference when one is given (`preference.reference: base`)."""
         phase = str(config["phase"])
         messages = []
         nodes = _wait_for_nodes(grid, self.min_available_nodes, self.cfg.federation.round_timeout)
@@ -90,6 +91,8 @@ class ConsortiumStrategy(FedAvg):
             site = self.node_sites.get(node_id)
             preference = self.ledger.settings_for(site, self.cfg.preference) if site else self.cfg.preference
             record = RecordDict({"arrays": arrays, "config": self.round_config(server_round, phase, preference)})
+            if reference is not None:
+                record["reference"] = reference
             messages.append(Message(content=record, message_type=MessageType.TRAIN, dst_node_id=node_id))
         return messages
 
@@ -163,6 +166,12 @@ class ConsortiumStrategy(FedAvg):
             for site in accepted:  # every site that trained on pairs counts once
                 outcomes[site].weight = 1.0 / len(contributing) if site in contributing else 0.0
             return coordinate_median([outcomes[s].state for s in contributing]), True
+        if phase == "preference" and self.cfg.aggregation.kind == "krum":
+            chosen = contributing[krum_select([outcomes[s].state for s in contributing],
+                                              self.cfg.aggregation.krum_byzantine)]
+            for site in accepted:  # the chosen update is taken whole
+                outcomes[site].weight = 1.0 if site == chosen else 0.0
+            return {k: v.clone() for k, v in outcomes[chosen].state.items()}, True
         new_state = weighted_average([outcomes[s].state for s in contributing], [outcomes[s].weight for s in contributing])
         return new_state, True
 
@@ -198,11 +207,14 @@ def run_federation(
     strategy = ConsortiumStrategy(cfg, ledger, extra_config)
     total = cfg.supervised.rounds + cfg.preference.rounds
     last = total if stop_after is None else min(total, stop_after)
+    reference = None  # the fixed DPO reference under `preference.reference: base`, set at first use
     for server_round in range(done + 1, last + 1):
         phase = "supervised" if server_round <= cfg.supervised.rounds else "preference"
         started = time.time()
         arrays = ArrayRecord(state)
-        sent = list(strategy.configure_train(server_round, arrays, ConfigRecord({"phase": phase}), grid))
+        if phase == "preference" and cfg.preference.reference == "base" and reference is None:
+            reference = ArrayRecord(_preference_base(run, cfg, state, server_round))
+        sent = list(strategy.configure_train(server_round, arrays, ConfigRecord({"phase": phase}), grid, reference))
         replies = grid.send_and_receive(sent, timeout=cfg.federation.round_timeout)
         outcomes = strategy.collect(server_round, phase, sent, replies, state)
         state, aggregated = strategy.aggregate(phase, outcomes, state)
@@ -214,6 +226,15 @@ def run_federation(
         if on_round:
             on_round(lines)
     return run.path
+
+
+def _preference_base(run: RunDir, cfg: ConsortiumConfig, state: dict, server_round: int) -> dict:
+    """The global model the preference phase started from (also after a resume past that point)."""
+    if server_round == cfg.supervised.rounds + 1:
+        return state
+    if cfg.supervised.rounds == 0:
+        return load_state(cfg.base_checkpoint)
+    return load_state(run.checkpoint(cfg.supervised.rounds))
 
 
 def _evaluate(strategy: ConsortiumStrategy, grid: Grid, server_round: int, arrays: ArrayRecord,

@@ -55,10 +55,13 @@ class RunDir:
         ledger.rounds_completed = round_number
         ledger.save(self.ledger)
         payload = {"round": round_number, "state_dict": state, "ledger": ledger.to_dict(), "config_hash": cfg_hash}
-        target = self.checkpoints / f"round_{round_number:03d}.pt"
+        target = self.checkpoint(round_number)
         tmp = target.with_suffix(".tmp")
         torch.save(payload, tmp)
         os.replace(tmp, target)
+
+    def checkpoint(self, round_number: int) -> Path:
+        return self.checkpoints / f"round_{round_number:03d}.pt"
 
     def latest_checkpoint(self) -> Path | None:
         found = sorted(self.checkpoints.glob("round_*.pt")) if self.checkpoints.exists() else []

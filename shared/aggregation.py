@@ -2,6 +2,8 @@
 
 `coordinate_median` is the robust alternative (`aggregation.kind: median`): Flower's FedMedian
 maths (numpy's median per coordinate, so the mean of the two middle values for an even count).
+`krum_select` is Flower's Krum (`aggregation.kind: krum`): the one update with the smallest sum of
+squared distances to its n - f - 2 nearest others is taken whole.
 
 An update is rejected, never averaged in, when its keys or shapes differ from the global
 model's, when it holds NaN or Inf, or when the norm of its change is more than `factor` times
@@ -98,3 +100,23 @@ def coordinate_median(updates: Sequence[State]) -> dict[str, torch.Tensor]:
         middle = ordered[mid] if len(updates) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
         median[key] = middle.to(first.dtype)
     return median
+
+
+def krum_select(updates: Sequence[State], byzantine: int) -> int:
+    """Index of the update Krum keeps (Blanchard et al. 2017), as Flower's Krum computes it.
+
+    Each update scores the sum of squared L2 distances (over its floating-point tensors) to its
+    `max(1, n - byzantine - 2)` nearest other updates; the lowest score wins, the first on a tie.
+    With two updates both score the same, so Krum needs three or more to tell anything apart.
+    """
+    if not updates:
+        raise ValueError("need at least one update to choose from")
+    flat = torch.stack([
+        torch.cat([t.double().flatten() for t in update.values() if t.is_floating_point()])
+        for update in updates
+    ])
+    distances = torch.cdist(flat, flat).pow(2)
+    closest = max(1, len(updates) - byzantine - 2)
+    scores = [distances[i][torch.arange(len(updates)) != i].sort().values[:closest].sum()
+              for i in range(len(updates))]
+    return int(torch.stack(scores).argmin()) if len(updates) > 1 else 0

@@ -31,7 +31,8 @@ JUDGE_KINDS = ("agreement", "uncertainty", "learned", "oracle")
 DEVICES = ("auto", "cpu", "cuda")
 METHODS = ("rn_dpo", "dpo", "pseudo_label", "entropy", "none")
 MINING_STRATEGIES = ("top_bottom", "top_random", "gap", "skip_top")
-AGGREGATIONS = ("reliability", "fedavg", "median")
+AGGREGATIONS = ("reliability", "fedavg", "median", "krum")
+REFERENCES = ("round", "base")
 MODELS = ("unet", "basic_unet")
 TTA_TRANSFORMS = ("identity", "hflip", "vflip", "hvflip", "rot90", "rot270")
 SPLITS = ("labeled", "calibration", "unlabeled", "test")
@@ -198,6 +199,9 @@ class PreferenceConfig:
     lr: float = field(default=1e-4, metadata=_positive)
     batch_pairs: int = field(default=8, metadata=_positive)
     lambda_sup: float = field(default=1.0, metadata=_non_negative)
+    # the frozen DPO reference: `round` = the model received this round (refreshed every round),
+    # `base` = the global model the preference phase started from (never refreshed)
+    reference: str = field(default="round", metadata=_choice(*REFERENCES))
     max_unlabeled: int | None = None
     mining: MiningConfig = field(default_factory=MiningConfig)
     proposals: ProposalConfig = field(default_factory=ProposalConfig)
@@ -208,8 +212,9 @@ class AggregationConfig:
     """How the server combines site updates and tracks judge reliability.
 
     kind: `reliability` (FedAvg weighted by pairs used x g(judge reliability)), `fedavg` (by pairs
-    used) or `median` (coordinate-wise median of the preference updates, Flower's FedMedian maths;
-    supervised rounds are averaged by labelled images under every kind).
+    used), `median` (coordinate-wise median of the preference updates, Flower's FedMedian maths) or
+    `krum` (the one preference update closest to its n - krum_byzantine - 2 nearest others, Flower's
+    Krum maths); supervised rounds are averaged by labelled images under every kind.
     """
 
     kind: str = field(default="reliability", metadata=_choice(*AGGREGATIONS))
@@ -217,6 +222,7 @@ class AggregationConfig:
     probation_below: float = field(default=0.65, metadata=_probability)
     exclude_below: float = field(default=0.55, metadata=_probability)
     norm_outlier_factor: float = field(default=5.0, metadata=_positive)
+    krum_byzantine: int = field(default=1, metadata=_non_negative)
 
 
 @dataclass(frozen=True)

@@ -68,8 +68,12 @@ def train_round(
     seed: int,
     splits: dict[str, SplitData] | None = None,
     progress: Callable | None = None,
+    reference_state: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], RoundResult]:
-    """One local round from the received global weights; returns new weights and numbers."""
+    """One local round from the received global weights; returns new weights and numbers.
+
+    `reference_state`: the fixed DPO reference the server sends under `preference.reference: base`
+    (None: the received weights are the reference)."""
     if phase not in ("supervised", "preference"):
         raise ValueError(f"unknown phase {phase!r}: expected supervised or preference")
     _check_channels(site, model_cfg)
@@ -84,6 +88,7 @@ def train_round(
         result = preference_round(
             model, splits["unlabeled"], splits["calibration"], splits["labeled"],
             judge, preference, device, seed, progress,
+            reference=load_model(model_cfg, reference_state) if reference_state is not None else None,
         )
     result.metrics["skipped_files"] = float(sum(len(s.skipped) for s in splits.values()))
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}

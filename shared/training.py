@@ -8,10 +8,11 @@ It returns only aggregate numbers; the weights stay in the model the caller pass
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ from shared.data import SplitData
 from shared.losses import dpo_loss, entropy_loss, preference_stats, rn_dpo_loss, supervised_loss
 from shared.mining import MinedPairs, gather_pairs, mine_pairs, mine_split
 from shared.model import autocast, grad_scaler
-from shared.proposals import generate_proposals
+from shared.proposals import generate_proposals, plain_inference
 from shared.reliability import dice_scores, reliability_report
 
 log = logging.getLogger(__name__)
@@ -95,12 +96,15 @@ def preference_round(
     device: torch.device,
     seed: int = 0,
     progress: Callable | None = None,
+    reference: torch.nn.Module | None = None,
 ) -> RoundResult:
     """Proposals -> judge -> mining -> `cfg.steps` preference steps -> reliability.
 
     The model passed in is the received global model: its eval-mode logits, cached with each
     pair at mining, are the frozen DPO reference, so the reference never runs inside a step.
     Steps run with dropout off (eval mode) so that policy and reference agree at step 0.
+    A `reference` model given (`preference.reference: base`) replaces those cached logits with
+    its own: proposals still come from the received model, the reference stays fixed.
     """
     model.to(device)
     reliability, calib_pairs = calibration_reliability(
@@ -123,6 +127,8 @@ def preference_round(
     )
     metrics.update({f"mining_{k}": float(v) for k, v in mining_stats.items() if _is_number(v)})
     metrics["pairs_used"] = len(pairs)
+    if reference is not None and len(pairs):
+        pairs = dataclasses.replace(pairs, ref_logits=reference_logits(reference, pool.images, pairs.image_index, device))
     if len(pairs) == 0 if cfg.method != "entropy" else len(pool.names) == 0:
         log.warning("no preference pairs survived mining: the model is left unchanged this round")
         return RoundResult(num_examples=0, metrics=metrics, pairs=calib_pairs)
@@ -131,6 +137,13 @@ def preference_round(
     metrics.update(train_stats)
     examples = len(pairs) if cfg.method != "entropy" else len(pool.names)
     return RoundResult(num_examples=examples, metrics=metrics, pairs=calib_pairs)
+
+
+def reference_logits(reference: torch.nn.Module, images: torch.Tensor, image_index: torch.Tensor,
+                     device: torch.device) -> torch.Tensor:
+    """The reference's eval-mode logits for each pair's image, one forward per distinct image."""
+    distinct, pair_to_distinct = image_index.unique(return_inverse=True)
+    return plain_inference(reference.to(device), images.index_select(0, distinct), device)[pair_to_distinct]
 
 
 def _preference_steps(model, pool: SplitData, labeled, pairs: MinedPairs, cfg: PreferenceConfig,

@@ -154,3 +154,47 @@ def test_median_aggregation_in_the_strategy(tmp_path):
     outcomes = {s: SiteOutcome(s, train={"num-examples": 10.0}, state={"w": torch.tensor(v)}) for s, v in values.items()}
     state, _ = strategy.aggregate("supervised", outcomes, {"w": torch.zeros(2)})
     assert state["w"].tolist() == pytest.approx([-49 / 3, 31.0])
+
+
+# ----------------------------------------------------------------------------- Krum aggregation
+
+
+def test_krum_selects_what_flowers_krum_selects():
+    import numpy as np
+    import torch
+    from flwr.app import ArrayRecord, RecordDict
+    from flwr.serverapp.strategy.multikrum import select_multikrum
+
+    from shared.aggregation import krum_select
+
+    rng = np.random.default_rng(3)
+    for n, byzantine in [(3, 1), (4, 1), (5, 1), (6, 2)]:
+        for _ in range(5):
+            updates = [{"w": torch.from_numpy(rng.normal(size=(4, 3))), "b": torch.from_numpy(rng.normal(size=2) * 3)}
+                       for _ in range(n)]
+            contents = [RecordDict({"arrays": ArrayRecord(u)}) for u in updates]
+            flower_pick = select_multikrum(contents, byzantine, 1)[0]
+            assert contents[krum_select(updates, byzantine)] is flower_pick
+    # an update far from two close ones is never the one kept
+    close = [{"w": torch.tensor([0.0, 1.0])}, {"w": torch.tensor([0.1, 1.1])}, {"w": torch.tensor([40.0, -9.0])}]
+    assert krum_select(close, 1) in (0, 1)
+    assert krum_select(close[:1], 1) == 0
+    with pytest.raises(ValueError):
+        krum_select([], 1)
+
+
+def test_krum_aggregation_takes_one_update_whole(tmp_path):
+    import torch
+
+    from fl_server.federation import ConsortiumStrategy, SiteOutcome
+    from shared.config import load_consortium
+    from shared.ledger import Ledger
+
+    path = tmp_path / "c.yaml"
+    path.write_text("name: k\nrun_dir: run\nserver: {sites: [a, b, c]}\naggregation: {kind: krum}\n")
+    strategy = ConsortiumStrategy(load_consortium(path), Ledger())
+    values = {"a": [0.0, 1.0], "b": [0.2, 1.0], "c": [-50.0, 90.0]}
+    outcomes = {s: SiteOutcome(s, train={"num-examples": 10.0}, state={"w": torch.tensor(v)}) for s, v in values.items()}
+    state, changed = strategy.aggregate("preference", outcomes, {"w": torch.zeros(2)})
+    assert changed and state["w"].tolist() == [0.0, 1.0]  # a and b tie; the first wins
+    assert [outcomes[s].weight for s in "abc"] == [1.0, 0.0, 0.0]

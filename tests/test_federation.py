@@ -22,7 +22,8 @@ DEMO = Path(__file__).resolve().parents[1] / "data" / "demo" / "lung_cxr"
 
 
 def write_consortium(tmp_path: Path, judges: dict[str, str], *, supervised=1, preference=2,
-                     min_sites=1, timeout=120, aggregation="reliability", missing_data: str | None = None) -> Path:
+                     min_sites=1, timeout=120, aggregation="reliability", missing_data: str | None = None,
+                     reference="round") -> Path:
     """Site YAMLs (one per entry of `judges`: site name -> judge mapping) and a consortium YAML."""
     folders = {"montgomery": "montgomery", "shenzhen_a": "shenzhen_a", "shenzhen_b": "shenzhen_b"}
     site_files = []
@@ -54,6 +55,7 @@ def write_consortium(tmp_path: Path, judges: dict[str, str], *, supervised=1, pr
           rounds: {preference}
           steps: 4
           batch_pairs: 4
+          reference: {reference}
           proposals: {{tta: [identity, hflip], mc_samples: 2, thresholds: [0.3, 0.5, 0.7]}}
         aggregation: {{kind: {aggregation}}}
         federation: {{min_sites: {min_sites}, round_timeout: {timeout}}}
@@ -184,6 +186,28 @@ def test_resume_after_a_stop_gives_the_uninterrupted_result(tmp_path):
     assert a["ledger"]["sites"] == b["ledger"]["sites"]
     rows = [(line["kind"], line["round"], line.get("site")) for line in metric_lines(stopped)]
     assert len(rows) == len(set(rows)) == len(metric_lines(straight))
+
+
+def test_a_fixed_reference_is_the_preference_phase_start_also_after_a_resume(tmp_path):
+    """`preference.reference: base`: the first preference round is the same as with a refreshed
+    reference (both are the received model), the second is not; a server restarted between them
+    sends the same fixed reference (from the last supervised round's checkpoint)."""
+    judges = {"montgomery": "{kind: oracle, noise_std: 0.1}", "shenzhen_a": "{kind: oracle, noise_std: 0.1}"}
+    (tmp_path / "round").mkdir(), (tmp_path / "base").mkdir()
+    refreshed = run_sim(write_consortium(tmp_path / "round", judges))
+    fixed_consortium = write_consortium(tmp_path / "base", judges, reference="base")
+    fixed = run_sim(fixed_consortium)
+    restarted = run_sim(fixed_consortium, run_dir=tmp_path / "restarted", stop_after=2)
+    run_sim(fixed_consortium, run_dir=restarted, resume=True)
+
+    def weights(run_dir: Path, round_number: int) -> dict:
+        return torch.load(run_dir / "checkpoints" / f"round_{round_number:03d}.pt", weights_only=True)["state_dict"]
+
+    for key, value in weights(refreshed, 2).items():
+        torch.testing.assert_close(weights(fixed, 2)[key], value, rtol=0, atol=0)
+    assert any(not torch.equal(weights(fixed, 3)[k], v) for k, v in weights(refreshed, 3).items())
+    for key, value in weights(fixed, 3).items():
+        torch.testing.assert_close(weights(restarted, 3)[key], value, rtol=0, atol=0)
 
 
 def test_resume_refuses_a_changed_config(tmp_path):

@@ -223,6 +223,28 @@ def test_the_reference_never_runs_inside_a_step(tiny, lambda_sup):
     assert all(anchor < b <= cfg.batch_pairs + anchor for b in step_batches), step_batches
 
 
+def test_a_fixed_reference_replaces_the_received_models_logits(tiny):
+    """`preference.reference: base`: proposals come from the received model, the margin is taken
+    against the given reference. A reference equal to the received model changes nothing; a
+    different one moves the first step's margin off zero."""
+    splits, base = tiny
+    plain, same_ref, other_ref = copy.deepcopy(base), copy.deepcopy(base), copy.deepcopy(base)
+    first = dict(steps=1, lambda_sup=0.0)
+    r_plain = _round(splits, plain, **first)
+    r_same = preference_round(same_ref, splits["unlabeled"], splits["calibration"], splits["labeled"],
+                              OracleJudge(), dataclasses.replace(PreferenceConfig(), proposals=TINY_PROPOSALS, **first),
+                              CPU, seed=0, reference=copy.deepcopy(base))
+    assert abs(r_plain.metrics["margin"]) < 1e-5 and abs(r_same.metrics["margin"]) < 1e-5
+    assert r_same.metrics["pairs_used"] == r_plain.metrics["pairs_used"] > 0
+    for key, value in _state(plain).items():
+        torch.testing.assert_close(value, _state(same_ref)[key], atol=1e-5, rtol=1e-4)
+    r_other = preference_round(other_ref, splits["unlabeled"], splits["calibration"], splits["labeled"],
+                               OracleJudge(), dataclasses.replace(PreferenceConfig(), proposals=TINY_PROPOSALS, **first),
+                               CPU, seed=0, reference=_tiny_model(seed=5))
+    assert r_other.metrics["pairs_used"] == r_plain.metrics["pairs_used"]  # same proposals, same pairs
+    assert abs(r_other.metrics["margin"]) > 1e-3
+
+
 # ----------------------------------------------------------------------------- the demo site
 
 
