@@ -256,8 +256,22 @@ def consortium_dict(task: Task, seed: int, arm: Arm | None) -> dict:
     return raw
 
 
+# Consortium options added after grids were cached, with their defaults. At the default they do not
+# change what a run does, so they stay out of its digest and the cached runs remain valid.
+OPTIONS_ADDED_LATER = {("preference", "reference"): "round", ("aggregation", "krum_byzantine"): 1}
+
+
 def _digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _identity(consortium: dict) -> dict:
+    """The consortium dict without the later-added options that sit at their defaults."""
+    kept = {k: dict(v) if isinstance(v, dict) else v for k, v in consortium.items()}
+    for (section, key), default in OPTIONS_ADDED_LATER.items():
+        if kept.get(section, {}).get(key, default) == default:
+            kept.get(section, {}).pop(key, None)
+    return kept
 
 
 def _write_configs(folder: Path, consortium: dict, sites: list[dict]) -> Path:
@@ -343,7 +357,7 @@ def ensure_base(preset: Preset, task: Task, seed: int, bases: Path, say) -> tupl
     consortium["preference"]["rounds"] = 0
     consortium["base_checkpoint"] = None
     sites = site_dicts(task, seed)
-    key = {"consortium": {k: v for k, v in consortium.items() if k not in ("run_dir", "name", "sites")},
+    key = {"consortium": {k: v for k, v in _identity(consortium).items() if k not in ("run_dir", "name", "sites")},
            "sites": [{k: v for k, v in s.items() if k not in ("judge", "work_dir")} for s in sites]}
     folder = bases / f"{task.name}-seed{seed}-{_digest(key)}"
     rounds = int(consortium["supervised"]["rounds"])
@@ -381,7 +395,7 @@ def prepare_run(preset: Preset, task: Task, arm: Arm, seed: int, base_ckpt: Path
     missing = [s for s in arm.site_judges if s not in names]
     if missing and all(s not in [x["name"] for x in site_dicts(preset.tasks[t], seed)] for t in arm.tasks for s in missing):
         raise PresetError(f"{preset.file}: arm {arm.name}: site_judges: {missing[0]!r} is no site of its tasks")
-    stamp = _digest({"consortium": consortium, "sites": sites})
+    stamp = _digest({"consortium": _identity(consortium), "sites": sites})
     rounds = int(consortium["preference"]["rounds"])
     stale = (folder / "spec.json").exists() and json.loads((folder / "spec.json").read_text()).get("digest") != stamp
     if stale and read_only:  # report what is there; never delete or rewrite in a report

@@ -198,3 +198,16 @@ def test_krum_aggregation_takes_one_update_whole(tmp_path):
     state, changed = strategy.aggregate("preference", outcomes, {"w": torch.zeros(2)})
     assert changed and state["w"].tolist() == [0.0, 1.0]  # a and b tie; the first wins
     assert [outcomes[s].weight for s in "abc"] == [1.0, 0.0, 0.0]
+
+
+def test_options_added_later_at_their_defaults_keep_cached_runs_valid():
+    from shared.config import ConsortiumConfig, to_dict
+
+    full = to_dict(ConsortiumConfig(name="c", run_dir=Path("run")))
+    assert full["preference"]["reference"] == "round" and full["aggregation"]["krum_byzantine"] == 1
+    identity = experiments._identity(full)
+    assert "reference" not in identity["preference"] and "krum_byzantine" not in identity["aggregation"]
+    assert full["preference"]["reference"] == "round"  # the caller's dict is left alone
+    changed = dict(full, preference={**full["preference"], "reference": "base"})
+    assert experiments._digest(experiments._identity(changed)) != experiments._digest(identity)
+    assert experiments._identity(changed)["preference"]["reference"] == "base"
