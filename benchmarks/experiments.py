@@ -657,6 +657,7 @@ def markdown(rows: list[dict], records: list[dict], preset: Preset, command: str
                        f"{_fmt(r['last_minus_base'])} | {_fmt(r['last_minus_sup_only'])} | {_fmt(r['last_minus_rn_dpo'])} | "
                        f"{_fmt(r['falls'], 1)} | "
                        f"{_fmt(r['last_hd95'], 1)} | {_fmt(r['peak_unseen_dice'])} | {_fmt(r['last_unseen_dice'])} |")
+        out += _round_table(records, task, [r["arm"] for r in trows])
         for kind, title in (("sites", "Per training site (test split)"), ("unseen", "Unseen centres (all frames, never federated)")):
             names = sorted({n for r in trows for n in r[f"_{kind}"]})
             if not names:
@@ -696,6 +697,22 @@ def markdown(rows: list[dict], records: list[dict], preset: Preset, command: str
     out += ["", f"Simulation time of the runs in this table: {sum(walls) / 60:.1f} min "
             f"({len(walls)} runs, median {statistics.median(walls) if walls else 0:.0f} s)." , ""]
     return "\n".join(out)
+
+
+def _round_table(records: list[dict], task: str, arms: list[str]) -> list[str]:
+    """Mean test Dice after every round (0: the base), averaged over the seeds that finished:
+    sustained improvement or drift shows here, not in the peak."""
+    runs = {a: [r for r in records if r["task"] == task and r["arm"] == a] for a in arms}
+    last = max((max(r["rounds"]) for rs in runs.values() for r in rs), default=0)
+    if last == 0:
+        return []
+    out = ["", "### Mean test Dice of the training sites after every preference round (0: the base; mean over seeds)", "",
+           "| arm | " + " | ".join(str(i) for i in range(last + 1)) + " |", "|---|" + "---|" * (last + 1)]
+    for arm, rs in runs.items():
+        if rs:
+            means = [_stats([r["rounds"][i]["mean_dice"] for r in rs if i in r["rounds"]])[0] for i in range(last + 1)]
+            out.append(f"| {arm} | " + " | ".join("-" if m is None else f"{m:.3f}" for m in means) + " |")
+    return out
 
 
 def _defaults_set(preset: Preset) -> dict:

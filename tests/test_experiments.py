@@ -97,6 +97,9 @@ def test_tiny_grid_writes_table_csv_and_plots(tmp_path):
     table = (out / "results.md").read_text()
     assert "| rn_dpo |" in table and "| base |" in table and "Not finished" not in table
     assert "python benchmarks/experiments.py --preset" in table
+    # Dice after every round, not only peak and last: the row matches rounds.csv
+    per_round = next(line for line in table.splitlines() if line.startswith("| rn_dpo |") and line.count("|") == 5)
+    assert per_round.split("|")[2:5] == [f" {float(r['mean_dice']):.3f} " for r in rounds]
     plots = sorted((out / "plots").glob("*.png"))
     assert [p.name for p in plots] == ["lung_method.png"]
     assert plots[0].stat().st_size > 1000
