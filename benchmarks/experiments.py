@@ -763,14 +763,15 @@ def plot(records: list[dict], preset: Preset, plots: Path) -> list[Path]:
                       ("mean_dice", "change vs base (same seed), training sites", True)]
             if has_unseen:
                 panels.append(("unseen_mean_dice", "change vs base (same seed), unseen centres", True))
-            fig = Figure(figsize=(4.2 * len(panels), 3.4), dpi=80)
+            fig = Figure(figsize=(4.2 * len(panels) + 1.6, 3.4), dpi=80)
             axes = [fig.add_subplot(1, len(panels), i + 1) for i in range(len(panels))]
             last = max((r["last"] for r in trecs), default=1)
-            for arm in arms:
+            for index, arm in enumerate(arms):
                 arecs = [r for r in trecs if r["arm"] == arm.name]
                 if not arecs:
                     continue
-                color = None
+                # ten colours, then the same colours dashed, then dotted: no two arms look alike
+                color, style = f"C{index % 10}", ("-", "--", ":")[index // 10 % 3]
                 for ax, (key, _, delta) in zip(axes, panels):
                     def value(r, n):
                         v, b = r["rounds"][n][key], r["rounds"][0][key]
@@ -788,8 +789,7 @@ def plot(records: list[dict], preset: Preset, plots: Path) -> list[Path]:
                         mean.append(m if m is not None else math.nan)
                         lo.append((m - sd) if sd is not None else mean[-1])
                         hi.append((m + sd) if sd is not None else mean[-1])
-                    line, = ax.plot(xs, mean, marker="o", markersize=3, label=arm.name, color=color)
-                    color = line.get_color()
+                    ax.plot(xs, mean, style, marker="o", markersize=3, label=arm.name, color=color)
                     if delta:
                         ax.fill_between(xs, lo, hi, color=color, alpha=0.12)
             for ax, (_, title, delta) in zip(axes, panels):
@@ -799,8 +799,9 @@ def plot(records: list[dict], preset: Preset, plots: Path) -> list[Path]:
                 ax.tick_params(labelsize=7)
                 ax.grid(alpha=0.3)
                 ax.set_ylabel("Δ Dice" if delta else "Dice", fontsize=8)
-            if axes[0].get_legend_handles_labels()[0]:
-                axes[0].legend(fontsize=7, loc="best")
+            if axes[0].get_legend_handles_labels()[0]:  # outside the panels, right of the last
+                axes[-1].legend(*axes[0].get_legend_handles_labels(), fontsize=7, loc="upper left",
+                                bbox_to_anchor=(1.02, 1.0))
             seeds = sorted({r["seed"] for r in trecs if r["arm"] in {a.name for a in arms}})
             fig.suptitle(f"{task}: {group} (mean over seeds {seeds}; band: ± std of the paired change)", fontsize=10)
             fig.tight_layout()
