@@ -756,6 +756,8 @@ def plot(records: list[dict], preset: Preset, plots: Path) -> list[Path]:
         has_unseen = any(x["unseen"] for r in trecs for x in r["rounds"].values())
         for group in groups:
             arms = [a for a in preset.arms if group in a.groups and task in a.tasks]
+            if sum(any(r["arm"] == a.name for r in trecs) for a in arms) < 2:
+                continue  # one arm alone (e.g. the reference arm of a group run on the other task)
             # (key, title, paired change vs the same seed's base?): absolute Dice without bands (the
             # seeds' splits differ, so their spread hides the arms' differences), then the paired
             # change vs the base with a +- std band
