@@ -258,7 +258,8 @@ def consortium_dict(task: Task, seed: int, arm: Arm | None) -> dict:
 
 # Consortium options added after grids were cached, with their defaults. At the default they do not
 # change what a run does, so they stay out of its digest and the cached runs remain valid.
-OPTIONS_ADDED_LATER = {("preference", "reference"): "round", ("aggregation", "krum_byzantine"): 1}
+OPTIONS_ADDED_LATER = {("preference", "reference"): "round", ("aggregation", "krum_byzantine"): 1,
+                       ("aggregation", "damped"): False}
 
 
 def _digest(value) -> str:

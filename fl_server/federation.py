@@ -143,17 +143,21 @@ class ConsortiumStrategy(FedAvg):
     def aggregate(self, phase: str, outcomes: dict[str, SiteOutcome], global_state: dict) -> tuple[dict, bool]:
         """The new global weights, and whether they changed this round."""
         accepted = sorted((s for s, o in outcomes.items() if o.status == "ok"))
+        reliability = phase == "preference" and self.cfg.aggregation.kind == "reliability"
         for site in accepted:
             outcome = outcomes[site]
             weight = outcome.train.get("num-examples", 0.0)
-            if phase == "preference" and self.cfg.aggregation.kind == "reliability":
+            if reliability:
                 if self.ledger.site(site).state == EXCLUDED:
                     outcome.status = "excluded"
                 weight *= self.ledger.factor(site)
             outcome.weight = weight
         total = sum(outcomes[s].weight for s in accepted)
+        kept = 0.0  # weight left on the current global model (aggregation.damped)
+        if reliability and self.cfg.aggregation.damped and total > 0:
+            kept = sum(outcomes[s].train.get("num-examples", 0.0) for s in accepted) - total
         for site in accepted:
-            outcomes[site].weight = outcomes[site].weight / total if total > 0 else 0.0
+            outcomes[site].weight = outcomes[site].weight / (total + kept) if total > 0 else 0.0
         if len(accepted) < self.cfg.federation.min_sites:
             log.warning("only %d of the required %d sites replied usefully: global model unchanged",
                         len(accepted), self.cfg.federation.min_sites)
@@ -172,8 +176,10 @@ class ConsortiumStrategy(FedAvg):
             for site in accepted:  # the chosen update is taken whole
                 outcomes[site].weight = 1.0 if site == chosen else 0.0
             return {k: v.clone() for k, v in outcomes[chosen].state.items()}, True
-        new_state = weighted_average([outcomes[s].state for s in contributing], [outcomes[s].weight for s in contributing])
-        return new_state, True
+        states, weights = [outcomes[s].state for s in contributing], [outcomes[s].weight for s in contributing]
+        if kept > 0:
+            states, weights = states + [global_state], weights + [kept / (total + kept)]
+        return weighted_average(states, weights), True
 
 
 def run_federation(

@@ -215,6 +215,11 @@ class AggregationConfig:
     used), `median` (coordinate-wise median of the preference updates, Flower's FedMedian maths) or
     `krum` (the one preference update closest to its n - krum_byzantine - 2 nearest others, Flower's
     Krum maths); supervised rounds are averaged by labelled images under every kind.
+
+    damped (reliability only): the weight a site loses to its judge's unreliability stays on the
+    current global model instead of going to the other sites, so the step shrinks when judges are
+    weak (new = global + sum_i pairs_i g_i (w_i - global) / sum_i pairs_i) and one weak site left
+    among excluded ones cannot become the whole update.
     """
 
     kind: str = field(default="reliability", metadata=_choice(*AGGREGATIONS))
@@ -223,6 +228,7 @@ class AggregationConfig:
     exclude_below: float = field(default=0.55, metadata=_probability)
     norm_outlier_factor: float = field(default=5.0, metadata=_positive)
     krum_byzantine: int = field(default=1, metadata=_non_negative)
+    damped: bool = False
 
 
 @dataclass(frozen=True)

@@ -139,6 +139,31 @@ def test_reliability_weighting_and_exclusion():
     assert torch.allclose(new_state["w"], torch.full((2, 3), 2.0))  # (2*1 + 1*4) / 3
 
 
+def test_damped_reliability_keeps_the_lost_weight_on_the_global_model():
+    strategy = ConsortiumStrategy(consortium(aggregation=AggregationConfig(damped=True)), Ledger())
+    strategy.ledger.record_reliability("good", 2, figures(1.0), AGG)
+    strategy.ledger.record_reliability("half", 2, figures(0.75), AGG)
+    strategy.ledger.record_reliability("bad", 2, figures(0.0), AGG)
+    outcomes = {
+        name: SiteOutcome(name, train={"num-examples": 10.0}, state=state(value))
+        for name, value in (("good", 1.0), ("half", 4.0), ("bad", 100.0))
+    }
+    new_state, changed = strategy.aggregate("preference", outcomes, state(0.0))
+    assert changed and outcomes["bad"].status == "excluded"
+    # factors 1, 0.5, 0 on 10 pairs each: good 10/30, half 5/30, the global model the other 15/30
+    assert [outcomes[s].weight for s in ("good", "half", "bad")] == pytest.approx([1 / 3, 1 / 6, 0.0])
+    assert torch.allclose(new_state["w"], torch.full((2, 3), 1.0))  # (10*1 + 5*4 + 15*0) / 30
+    # one weak site left among excluded ones takes a small step, not the whole update
+    strategy.ledger.record_reliability("good", 3, figures(0.0), AGG)
+    strategy.ledger.record_reliability("good", 4, figures(0.0), AGG)
+    lone = {"good": SiteOutcome("good", train={"num-examples": 10.0}, state=state(9.0)),
+            "half": SiteOutcome("half", train={"num-examples": 10.0}, state=state(9.0)),
+            "bad": SiteOutcome("bad", train={"num-examples": 10.0}, state=state(9.0))}
+    new_state, changed = strategy.aggregate("preference", lone, state(0.0))
+    assert changed and lone["good"].status == lone["bad"].status == "excluded"
+    assert torch.allclose(new_state["w"], torch.full((2, 3), 1.5))  # 9 * (10*0.5 / 30)
+
+
 def test_plain_fedavg_ignores_reliability():
     strategy = ConsortiumStrategy(consortium(aggregation=AggregationConfig(kind="fedavg")), Ledger())
     strategy.ledger.record_reliability("bad", 2, figures(0.0), AGG)
