@@ -256,8 +256,10 @@ def consortium_dict(task: Task, seed: int, arm: Arm | None) -> dict:
     return raw
 
 
-# Consortium options added after grids were cached, with their defaults. At the default they do not
-# change what a run does, so they stay out of its digest and the cached runs remain valid.
+# Consortium options added after grids were cached, each with the behaviour every run had before it
+# existed. At that value they do not change what a run does, so they stay out of its digest and
+# the cached runs remain valid (`damped` has since become the default: the full preset sets it
+# back to false for its reference arm).
 OPTIONS_ADDED_LATER = {("preference", "reference"): "round", ("aggregation", "krum_byzantine"): 1,
                        ("aggregation", "damped"): False}
 
@@ -267,7 +269,7 @@ def _digest(value) -> str:
 
 
 def _identity(consortium: dict) -> dict:
-    """The consortium dict without the later-added options that sit at their defaults."""
+    """The consortium dict without the later-added options that sit at their earlier behaviour."""
     kept = {k: dict(v) if isinstance(v, dict) else v for k, v in consortium.items()}
     for (section, key), default in OPTIONS_ADDED_LATER.items():
         if kept.get(section, {}).get(key, default) == default:

@@ -2,7 +2,8 @@
 
 `ConsortiumStrategy` is Flower's FedAvg with three changes (DESIGN.md section 4): each site
 gets its own preference settings chosen from the ledger; every update is checked before it is
-averaged; and preference updates are weighted by pairs_used x g(judge reliability). The loop
+averaged; and preference updates are weighted by pairs_used x g(judge reliability), the weight that
+weak judges lose staying on the current global model (`aggregation.damped`). The loop
 in `run_federation` drives supervised then preference rounds, evaluates every round, and
 writes metrics, ledger and a checkpoint after each, so `resume=True` continues a stopped run.
 """

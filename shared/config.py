@@ -216,10 +216,11 @@ class AggregationConfig:
     `krum` (the one preference update closest to its n - krum_byzantine - 2 nearest others, Flower's
     Krum maths); supervised rounds are averaged by labelled images under every kind.
 
-    damped (reliability only): the weight a site loses to its judge's unreliability stays on the
-    current global model instead of going to the other sites, so the step shrinks when judges are
-    weak (new = global + sum_i pairs_i g_i (w_i - global) / sum_i pairs_i) and one weak site left
-    among excluded ones cannot become the whole update.
+    damped (reliability only, on by default): the weight a site loses to its judge's unreliability
+    stays on the current global model instead of going to the other sites, so the step shrinks when
+    judges are weak (new = global + sum_i pairs_i g_i (w_i - global) / sum_i pairs_i) and one weak
+    site left among excluded ones cannot become the whole update. Measured in docs/RESULTS.md: no
+    cost with honest judges, +0.029 Dice on lungs with a weak judge at every site.
     """
 
     kind: str = field(default="reliability", metadata=_choice(*AGGREGATIONS))
@@ -228,7 +229,7 @@ class AggregationConfig:
     exclude_below: float = field(default=0.55, metadata=_probability)
     norm_outlier_factor: float = field(default=5.0, metadata=_positive)
     krum_byzantine: int = field(default=1, metadata=_non_negative)
-    damped: bool = False
+    damped: bool = True
 
 
 @dataclass(frozen=True)

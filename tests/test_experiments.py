@@ -210,7 +210,8 @@ def test_options_added_later_at_their_defaults_keep_cached_runs_valid():
     assert full["preference"]["reference"] == "round" and full["aggregation"]["krum_byzantine"] == 1
     identity = experiments._identity(full)
     assert "reference" not in identity["preference"] and "krum_byzantine" not in identity["aggregation"]
-    assert "damped" not in identity["aggregation"]
+    assert identity["aggregation"]["damped"] is True  # the default now, not the earlier behaviour
+    assert "damped" not in experiments._identity(dict(full, aggregation={**full["aggregation"], "damped": False}))["aggregation"]
     assert full["preference"]["reference"] == "round"  # the caller's dict is left alone
     changed = dict(full, preference={**full["preference"], "reference": "base"})
     assert experiments._digest(experiments._identity(changed)) != experiments._digest(identity)

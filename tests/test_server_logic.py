@@ -124,7 +124,7 @@ def test_a_site_that_never_replies_is_failed_and_the_round_goes_on():
 
 
 def test_reliability_weighting_and_exclusion():
-    strategy = ConsortiumStrategy(consortium(), Ledger())
+    strategy = ConsortiumStrategy(consortium(aggregation=AggregationConfig(damped=False)), Ledger())
     strategy.ledger.record_reliability("good", 2, figures(1.0), AGG)
     strategy.ledger.record_reliability("half", 2, figures(0.75), AGG)
     strategy.ledger.record_reliability("bad", 2, figures(0.0), AGG)
