@@ -123,15 +123,18 @@ def test_a_site_that_never_replies_is_failed_and_the_round_goes_on():
     assert strategy.ledger.site("slow").failures == 1
 
 
+def good_half_bad(strategy) -> dict:
+    """Three sites of 10 pairs each whose judges measured pair accuracy 1, 0.75 and 0 (factors 1,
+    0.5 and excluded), with updates at 1, 4 and 100."""
+    for name, accuracy in (("good", 1.0), ("half", 0.75), ("bad", 0.0)):
+        strategy.ledger.record_reliability(name, 2, figures(accuracy), AGG)
+    return {name: SiteOutcome(name, train={"num-examples": 10.0}, state=state(value))
+            for name, value in (("good", 1.0), ("half", 4.0), ("bad", 100.0))}
+
+
 def test_reliability_weighting_and_exclusion():
     strategy = ConsortiumStrategy(consortium(aggregation=AggregationConfig(damped=False)), Ledger())
-    strategy.ledger.record_reliability("good", 2, figures(1.0), AGG)
-    strategy.ledger.record_reliability("half", 2, figures(0.75), AGG)
-    strategy.ledger.record_reliability("bad", 2, figures(0.0), AGG)
-    outcomes = {
-        name: SiteOutcome(name, train={"num-examples": 10.0}, state=state(value))
-        for name, value in (("good", 1.0), ("half", 4.0), ("bad", 100.0))
-    }
+    outcomes = good_half_bad(strategy)
     new_state, changed = strategy.aggregate("preference", outcomes, state())
     assert changed
     assert outcomes["bad"].status == "excluded" and outcomes["bad"].weight == 0.0
@@ -141,13 +144,7 @@ def test_reliability_weighting_and_exclusion():
 
 def test_damped_reliability_keeps_the_lost_weight_on_the_global_model():
     strategy = ConsortiumStrategy(consortium(aggregation=AggregationConfig(damped=True)), Ledger())
-    strategy.ledger.record_reliability("good", 2, figures(1.0), AGG)
-    strategy.ledger.record_reliability("half", 2, figures(0.75), AGG)
-    strategy.ledger.record_reliability("bad", 2, figures(0.0), AGG)
-    outcomes = {
-        name: SiteOutcome(name, train={"num-examples": 10.0}, state=state(value))
-        for name, value in (("good", 1.0), ("half", 4.0), ("bad", 100.0))
-    }
+    outcomes = good_half_bad(strategy)
     new_state, changed = strategy.aggregate("preference", outcomes, state(0.0))
     assert changed and outcomes["bad"].status == "excluded"
     # factors 1, 0.5, 0 on 10 pairs each: good 10/30, half 5/30, the global model the other 15/30
