@@ -371,6 +371,10 @@ def ensure_base(preset: Preset, task: Task, seed: int, bases: Path, say) -> tupl
     consortium.update(name=f"{task.name}-base-seed{seed}", run_dir=str(folder / "run"))
     path = _write_configs(folder, consortium, sites)
     if _last_round(folder / "run") < rounds:
+        others = sorted(f.name for f in bases.glob(f"{task.name}-seed{seed}-*") if f != folder)
+        if others:  # every cached run of this task and seed starts from the old base: all will rerun
+            say(f"WARNING: the supervised settings of {task.name} changed since base {', '.join(others)}: "
+                f"a new base is trained and every cached {task.name} run of seed {seed} will be discarded")
         say(f"base {task.name} seed {seed}: {rounds} supervised rounds -> {folder}")
         ok, wall, reason = _simulate(path, folder / "run", rounds, preset.cpus, preset.timeout_s, folder / "sim.log")
         if not ok:
@@ -885,7 +889,14 @@ def _run_grid(preset: Preset, args, command: str, say) -> int:
             if not (args.report_only):
                 pending[label] = "base model failed"
             continue
-        run, consortium = prepare_run(preset, task, arm, seed, base_ckpt or Path("base.pt"), read_only=args.report_only)
+        run, consortium = prepare_run(preset, task, arm, seed, base_ckpt or Path("base.pt"), read_only=True)
+        if run.status == "stale" and args.dry_run:  # a dry run never deletes anything
+            say(f"would discard {label}: its run folder was made with other settings than the preset's now")
+            continue
+        if run.status == "stale" and not args.report_only:
+            say(f"discarding {label}: its run folder was made with other settings than the preset's now")
+        if not args.report_only:  # (re)write its configs; a stale folder is emptied first
+            run, consortium = prepare_run(preset, task, arm, seed, base_ckpt or Path("base.pt"))
         if run.status == "stale":
             pending[label] = "its run folder was made with other settings than the preset's now"
             continue

@@ -68,7 +68,7 @@ def test_preset_loading_merges_defaults_quick_and_rejects_unknown_keys(tmp_path)
         experiments.load_preset(bad)
 
 
-def test_tiny_grid_writes_table_csv_and_plots(tmp_path):
+def test_tiny_grid_writes_table_csv_and_plots(tmp_path, capsys):
     preset = write_preset(tmp_path)
     out = tmp_path / "out"
     assert experiments.main(["--preset", str(preset)]) == 0
@@ -107,6 +107,15 @@ def test_tiny_grid_writes_table_csv_and_plots(tmp_path):
     # a second call finds every run finished and only rebuilds the outputs
     assert experiments.main(["--preset", str(preset), "--report-only"]) == 0
     assert "| rn_dpo |" in (out / "results.md").read_text()
+
+    # a changed arm: a dry run names the run it would discard and deletes nothing
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(preset.read_text().replace("{name: rn_dpo, groups: [method]}",
+                                                  "{name: rn_dpo, groups: [method], set: {preference: {lr: 0.003}}}"))
+    run_folder = out / "lung" / "rn_dpo" / "seed3"
+    assert experiments.main(["--preset", str(changed), "--out", str(out), "--dry-run"]) == 0
+    assert "would discard lung/rn_dpo/seed3" in capsys.readouterr().out
+    assert (run_folder / "run" / "checkpoints" / "round_002.pt").exists()
 
 
 # ----------------------------------------------------------------------------- median aggregation
