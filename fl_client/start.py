@@ -22,8 +22,6 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from fl_client.supernode import (
@@ -37,6 +35,7 @@ from fl_client.supernode import (
     start_supernode,
     wait_for_superlink,
 )
+from fl_server.superlink import sigterm_as_interrupt
 from shared.config import SiteConfig, load_site
 
 WAIT_TIMEOUT = 600.0  # how long to wait for an unreachable consortium server, seconds
@@ -136,7 +135,7 @@ def start_site(site_path: Path | str, superlink: str | None = None,
         return _fail(str(err))
 
     handle: SuperNodeHandle | None = None
-    with _sigterm_as_interrupt():
+    with sigterm_as_interrupt():
         try:
             while True:
                 handle = _run_supernode(site, address, wait_timeout)
@@ -216,19 +215,3 @@ def summarise_sent(entry: dict) -> str:
             parts.append(f"{len(items)} metrics")
     return f"{head}: {', '.join(parts)} ({entry['bytes'] / 1024:.0f} kB, handler {entry['handler_s']:.1f}s)"
 
-
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt like Ctrl-C does (main thread only)."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

@@ -32,10 +32,9 @@ import signal
 import socket
 import sys
 import tomllib
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import yaml
 
@@ -341,22 +340,6 @@ def stop_run(run_id: int, paths: OperatorPaths, connection: str) -> str:
         return f"could not stop run {run_id}: {err}"
 
 
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt like Ctrl-C does (main thread only)."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
 
 def cmd_start(args) -> int:
     cfg = load_consortium(args.consortium)
@@ -373,7 +356,7 @@ def cmd_start(args) -> int:
 
     link = None
     run_id = None
-    with _sigterm_as_interrupt():
+    with sl.sigterm_as_interrupt():
         try:
             link, connection = start_consortium_superlink(cfg, paths, run_dir)
             run_id = submit_consortium_run(cfg, paths, run_dir, connection, args.resume)
