@@ -360,7 +360,10 @@ def ensure_base(preset: Preset, task: Task, seed: int, bases: Path, say) -> tupl
     consortium["preference"]["rounds"] = 0
     consortium["base_checkpoint"] = None
     sites = site_dicts(task, seed)
-    key = {"consortium": {k: v for k, v in _identity(consortium).items() if k not in ("run_dir", "name", "sites")},
+    # what decides a supervised base: not the preference settings (0 rounds of them), so that an
+    # option added to those later keeps every cached base
+    key = {"consortium": {k: v for k, v in _identity(consortium).items()
+                          if k not in ("run_dir", "name", "sites", "preference")},
            "sites": [{k: v for k, v in s.items() if k not in ("judge", "work_dir")} for s in sites]}
     folder = bases / f"{task.name}-seed{seed}-{_digest(key)}"
     rounds = int(consortium["supervised"]["rounds"])

@@ -92,7 +92,10 @@ def cmd_local(args) -> int:
     state = load_state(args.checkpoint) if args.checkpoint else load_model(model_cfg).state_dict()
     if args.checkpoint:
         warmup = 0
-    print(f"{'round':>5} {'phase':11s} {'test dice':>9} {'hd95':>7} {'pairs':>6} {'pair_acc':>8} {'spearman':>8} {'gain':>7}")
+    # identity / best_k / pick: calibration Dice of the model's own mask, of the best of its K
+    # proposals and of the judge's pick (what a round can gain, and how much the judge captures)
+    print(f"{'round':>5} {'phase':11s} {'test dice':>9} {'hd95':>7} {'pairs':>6} {'pair_acc':>8} {'spearman':>8} "
+          f"{'gain':>7} {'identity':>8} {'best_k':>7} {'pick':>7}")
     for r in range(1, warmup + args.rounds + 1):
         phase = "supervised" if r <= warmup else "preference"
         state, result = train_round(site, model_cfg, phase, state, supervised, preference, seed=r,
@@ -101,7 +104,9 @@ def cmd_local(args) -> int:
         m = result.metrics
         rel = "" if phase == "supervised" else (
             f" {int(m.get('pairs_used', 0)):6d} {m.get('rel_pair_accuracy', float('nan')):8.3f}"
-            f" {m.get('rel_spearman', float('nan')):8.3f} {m.get('rel_pair_gain', float('nan')):7.3f}")
+            f" {m.get('rel_spearman', float('nan')):8.3f} {m.get('rel_pair_gain', float('nan')):7.3f}"
+            f" {m.get('rel_dice_identity', float('nan')):8.3f} {m.get('rel_dice_best', float('nan')):7.3f}"
+            f" {m.get('rel_dice_pick', float('nan')):7.3f}")
         print(f"{r:5d} {phase:11s} {scores['dice']:9.3f} {scores['hd95']:7.2f}{rel}", flush=True)
     return 0
 

@@ -265,21 +265,27 @@ def _text_table(header: list[str], rows: list[list[str]], numeric: set[int]) -> 
 def round_table(lines: list[dict]) -> str:
     """fl-sim's live table for one round: one row per site, then a mean row from the global line.
 
-    Columns: site, phase, status, dice, hd95, pair_acc, pairs, weight, state. Numbers have
-    3 decimals, missing values are '-'. ``lines`` holds the site lines of one round and,
+    Columns: site, phase, status, dice, hd95, pair_acc, pairs, weight, state, then the round's
+    headroom on calibration: identity (Dice of the model's own mask), best_k (of the best of its
+    K plausible proposals) and pick (of the judge's top proposal). Numbers have 3 decimals,
+    missing values are '-'. ``lines`` holds the site lines of one round and,
     optionally, its global line; duplicates are resolved as in ``read_metrics``.
     """
     lines = _dedup(lines)
     rounds = sorted({_as_int(r.get("round")) for r in lines})
     if len(rounds) > 1:
         raise ValueError(f"round_table: expected the lines of one round, got rounds {rounds}")
-    header = ["site", "phase", "status", "dice", "hd95", "pair_acc", "pairs", "weight", "state"]
+    header = ["site", "phase", "status", "dice", "hd95", "pair_acc", "pairs", "weight", "state",
+              "identity", "best_k", "pick"]
     sites = sorted(_site_lines(lines), key=lambda r: str(r["site"]))
     rows = [_round_row(r) for r in sites]
     glob = next(iter(_global_lines(lines)), None)
     rows.append(_mean_row(glob, sites))
     title = _round_title(rounds[0] if rounds else None, glob)
-    return title + "\n" + _text_table(header, rows, numeric={3, 4, 5, 6, 7})
+    return title + "\n" + _text_table(header, rows, numeric={3, 4, 5, 6, 7, 9, 10, 11})
+
+
+HEADROOM = ("rel_dice_identity", "rel_dice_best", "rel_dice_pick")
 
 
 def _round_row(record: dict) -> list[str]:
@@ -294,7 +300,7 @@ def _round_row(record: dict) -> list[str]:
         _fmt(_as_int(_get(record, "train", "pairs_used"))),
         _fmt(record.get("weight")),
         _fmt(record.get("state")),
-    ]
+    ] + [_fmt(_number(_get(record, "train", key))) for key in HEADROOM]
 
 
 def _mean_row(glob: dict | None, sites: list[dict]) -> list[str]:
@@ -316,7 +322,12 @@ def _mean_row(glob: dict | None, sites: list[dict]) -> list[str]:
         _fmt(int(sum(pairs)) if pairs else None),
         _MISSING,
         _MISSING,
-    ]
+    ] + [_fmt(_site_mean(sites, key)) for key in HEADROOM]
+
+
+def _site_mean(sites: list[dict], key: str) -> float | None:
+    values = [v for v in (_number(_get(r, "train", key)) for r in sites) if v is not None]
+    return sum(values) / len(values) if values else None
 
 
 def _round_title(round_number: int | None, glob: dict | None) -> str:
@@ -453,6 +464,30 @@ def plot_pair_accuracy(lines: list[dict], config: dict) -> bytes | None:
     ax.set_xticks(rounds)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", loc="lower left")
+    return _figure_png(fig)
+
+
+def plot_headroom(lines: list[dict]) -> bytes | None:
+    """Per preference round, the calibration Dice of the model's own mask, of the best of its K
+    proposals and of the judge's pick, averaged over the sites; None before a preference round."""
+    preference = [r for r in _site_lines(lines) if r.get("phase") == "preference"]
+    rounds = sorted({_as_int(r.get("round")) for r in preference})
+    series = {}
+    for key, label in zip(HEADROOM, ("identity (the model's own mask)", "best of K (a perfect judge)",
+                                     "judge's pick")):
+        per_round = [_site_mean([r for r in preference if _as_int(r.get("round")) == k], key) for k in rounds]
+        series[label] = [math.nan if v is None else v for v in per_round]
+    if not rounds or all(math.isnan(v) for values in series.values() for v in values):
+        return None
+    fig = Figure(figsize=(8, 4))
+    ax = fig.add_subplot()
+    for (label, values), style in zip(series.items(), ("o-", "s--", "^-")):
+        ax.plot(rounds, values, style, label=label)
+    ax.set(xlabel="round", ylabel="calibration Dice (mean over sites)",
+           title="Headroom: what a round could gain, and what the judge picks")
+    ax.set_xticks(rounds)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="best")
     return _figure_png(fig)
 
 
@@ -608,6 +643,9 @@ def render_report(run_dir: str | os.PathLike) -> str:
         "<h2>Judge reliability</h2>",
         _plot_html(plot_pair_accuracy(lines, config), "judge pair accuracy per site",
                    "No preference round yet: judge reliability is measured from the first preference round on."),
+        "<h2>Headroom</h2>",
+        _plot_html(plot_headroom(lines), "headroom over preference rounds",
+                   "No preference round yet: headroom is measured on calibration from the first preference round on."),
         "<h2>Aggregation weights</h2>",
         _plot_html(plot_weights(lines), "aggregation weight per site", "No aggregated round yet."),
         "<h2>Example pairs (chosen vs rejected)</h2>",

@@ -30,11 +30,12 @@ import yaml
 JUDGE_KINDS = ("agreement", "uncertainty", "learned", "oracle")
 DEVICES = ("auto", "cpu", "cuda")
 METHODS = ("rn_dpo", "dpo", "pseudo_label", "entropy", "none")
-MINING_STRATEGIES = ("top_bottom", "top_random", "gap", "skip_top")
+MINING_STRATEGIES = ("top_bottom", "top_random", "gap", "skip_top", "top_identity")
 AGGREGATIONS = ("reliability", "fedavg", "median", "krum")
 REFERENCES = ("round", "base")
 MODELS = ("unet", "basic_unet")
 TTA_TRANSFORMS = ("identity", "hflip", "vflip", "hvflip", "rot90", "rot270")
+THRESHOLD_MAPS = ("mean", "identity")
 SPLITS = ("labeled", "calibration", "unlabeled", "test")
 
 
@@ -171,6 +172,13 @@ class ProposalConfig:
     tta: tuple[str, ...] = ("identity", "hflip", "vflip", "hvflip")
     mc_samples: int = field(default=4, metadata=_non_negative)
     thresholds: tuple[float, ...] = (0.3, 0.5, 0.7)
+    # the map the thresholds cut: `mean` of every pass, or the `identity` pass's own probabilities
+    threshold_of: str = field(default="mean", metadata=_choice(*THRESHOLD_MAPS))
+    # dilations (> 0) and erosions (< 0) of the identity mask, in pixels
+    morph: tuple[int, ...] = ()
+    # plausibility: mining ignores a proposal whose area is more than this factor away from the
+    # consensus mask's (None: every proposal is a candidate)
+    max_area_ratio: float | None = field(default=None, metadata=_check(lambda v: v > 1, "must be > 1"))
     batch_size: int = field(default=32, metadata=_positive)
 
 
@@ -202,7 +210,12 @@ class PreferenceConfig:
     # the frozen DPO reference: `round` = the model received this round (refreshed every round),
     # `base` = the global model the preference phase started from (never refreshed)
     reference: str = field(default="round", metadata=_choice(*REFERENCES))
-    max_unlabeled: int | None = None
+    # unlabelled frames proposed and mined per round: a fresh sample every round (seeded by the
+    # round), so the whole pool is used over a run; None: every frame, every round
+    max_unlabeled: int | None = field(default=None, metadata=_positive)
+    # experiments only, the upper-bound arm `all_labelled`: with method `none`, the anchor steps
+    # also draw from the unlabelled split's true masks (refused where that split has none)
+    supervise_unlabeled: bool = False
     mining: MiningConfig = field(default_factory=MiningConfig)
     proposals: ProposalConfig = field(default_factory=ProposalConfig)
 
@@ -488,6 +501,10 @@ def _check_site(cfg: SiteConfig, path: Path) -> None:
     ctx = _Context(path)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", cfg.name):
         raise ctx.error("name", f"{cfg.name!r} must be letters, digits, '_', '-' or '.'")
+    if cfg.deployment is not None and cfg.judge.kind == "oracle":
+        raise ctx.error("judge.kind", "'oracle' reads the ground truth of the frames it judges: it is for "
+                                      "simulation only and this site has a deployment: section; use agreement, "
+                                      "uncertainty or learned")
     data = cfg.data
     explicit = {s: getattr(data, s) for s in SPLITS}
     given = [s for s, folder in explicit.items() if folder is not None]
@@ -534,9 +551,15 @@ def _check_consortium(cfg: ConsortiumConfig, path: Path) -> None:
     bad = [t for t in cfg.preference.proposals.tta if t not in TTA_TRANSFORMS]
     if bad:
         raise ctx.error("preference.proposals.tta", f"{bad[0]!r} is not one of {', '.join(TTA_TRANSFORMS)}")
-    for i, t in enumerate(cfg.preference.proposals.thresholds):
+    proposals = cfg.preference.proposals
+    for i, t in enumerate(proposals.thresholds):
         if not 0.0 < t < 1.0:
             raise ctx.error(f"preference.proposals.thresholds[{i}]", f"{t!r} must be between 0 and 1")
+    needs_identity = proposals.morph or (proposals.thresholds and proposals.threshold_of == "identity") \
+        or cfg.preference.mining.strategy == "top_identity"
+    if needs_identity and "identity" not in proposals.tta:
+        raise ctx.error("preference.proposals.tta", "must list identity: proposals.morph, threshold_of: identity "
+                                                    "and mining top_identity are made from the identity pass")
     agg = cfg.aggregation
     if agg.exclude_below > agg.probation_below:
         raise ctx.error("aggregation.exclude_below", f"{agg.exclude_below} must not exceed probation_below ({agg.probation_below})")

@@ -6,7 +6,12 @@ Strategies (``MiningConfig.strategy``), each a list of candidate pairs per image
 - ``top_random``: the best vs the other proposals in random order (K - 1 candidates; the first
   that passes the filters is taken, up to ``max_pairs_per_image``);
 - ``gap``: every pair (higher score chosen), largest score gap first;
-- ``skip_top``: the second best vs the worst (one candidate), a hedge against a wrong top-1.
+- ``skip_top``: the second best vs the worst (one candidate), a hedge against a wrong top-1;
+- ``top_identity``: the best vs the model's own prediction, the identity pass (one candidate):
+  the step moves the model from what it says now toward what the judge prefers.
+
+Proposals marked implausible (``shared.proposals.plausible``) are never chosen or rejected: the
+ranking runs over the plausible ones (the identity pass always counts as plausible).
 
 Filters, for every strategy: a candidate is dropped when its score gap is 0 (the judge has no
 preference) or below ``min_gap``, when its disagreement region ``D = {chosen != rejected}`` is
@@ -17,9 +22,12 @@ Ties are broken deterministically: proposals are ranked by score, descending, eq
 ascending proposal index (the best of tied proposals is the lowest index, the worst the highest);
 candidates of equal gap keep their ranked order.
 
-``mine_split`` streams a whole split through proposals -> judge -> mining and keeps only the
-mined pairs (with their masks and cached reference logits), so memory grows with the pairs, not
-with the split.
+``mine_split`` is the one pipeline every split goes through, unlabelled and calibration alike:
+proposals -> judge -> mining, streamed chunk by chunk so that only the mined pairs (with their
+masks and cached reference logits) are kept and memory grows with the pairs, not with the split.
+Given the split's ground truth it also measures the judge (reliability) and the headroom of the
+proposals: the Dice of the identity proposal, of the best of the K (what a perfect judge would
+pick) and of the judge's pick. The judge itself never receives the truth.
 """
 
 from __future__ import annotations
@@ -32,10 +40,10 @@ import torch
 
 from shared.config import MINING_STRATEGIES, MiningConfig, ProposalConfig
 from shared.judges.base import Judge, check_scores
-from shared.proposals import ProposalSet, iter_proposals, proposal_labels
+from shared.proposals import ProposalSet, iter_proposals, plausible, proposal_labels
 from shared.reliability import dice_scores, reliability_report
 
-__all__ = ["MinedPairs", "mine_pairs", "gather_pairs", "mine_split", "candidate_pairs"]
+__all__ = ["MinedPairs", "mine_pairs", "gather_pairs", "mine_split", "candidate_pairs", "headroom"]
 
 _GATHER_BYTES = 32 * 2**20  # mask bytes gathered at once when measuring disagreement
 
@@ -133,13 +141,18 @@ class MinedPairs:
 _FIELDS = ("image_index", "chosen", "rejected", "ref_logits", "score_gap", "chosen_k", "rejected_k")
 
 
-def candidate_pairs(scores: torch.Tensor, strategy: str, generator: torch.Generator | None = None) -> torch.Tensor:
+def candidate_pairs(scores: torch.Tensor, strategy: str, generator: torch.Generator | None = None,
+                    allowed: torch.Tensor | None = None, identity: int | None = None) -> torch.Tensor:
     """The strategy's candidate pairs of every image, before any filter.
 
     Args:
         scores: (N, K) judge scores, higher is better.
         strategy: one of MINING_STRATEGIES.
         generator: randomness of ``top_random`` (a generator seeded with 0 when None).
+        allowed: (N, K) bool, the proposals that may be chosen or rejected (None: all). The
+            others rank below every allowed one, so the best and worst are allowed ones where
+            an image has any; ``mine_pairs`` drops candidates that still touch one.
+        identity: the identity proposal's index, needed by ``top_identity``.
 
     Returns:
         (N, M, 2) int64 of (chosen k, rejected k), each image's M candidates in priority order.
@@ -147,11 +160,22 @@ def candidate_pairs(scores: torch.Tensor, strategy: str, generator: torch.Genera
     if strategy not in MINING_STRATEGIES:
         raise ValueError(f"mining strategy {strategy!r} is not one of {', '.join(MINING_STRATEGIES)}")
     n, k = scores.shape
-    sorted_scores, order = torch.sort(scores.double(), dim=1, descending=True, stable=True)
+    s = scores.double()
+    if allowed is not None:
+        s = torch.where(allowed, s, s.min() - 1.0 - (s.max() - s.min()) if s.numel() else s)
+    sorted_scores, order = torch.sort(s, dim=1, descending=True, stable=True)
+    # the worst allowed proposal of each image (the last overall where none is allowed)
+    n_allowed = allowed.sum(1) if allowed is not None else torch.full((n,), k)
+    worst = order.gather(1, (n_allowed - 1).clamp_min(0).view(-1, 1)).view(-1)
+    if strategy == "top_identity":
+        if identity is None:
+            raise ValueError("mining strategy top_identity needs the identity proposal: list identity in proposals.tta")
+        return torch.stack([order[:, 0], torch.full((n,), identity)], dim=1).unsqueeze(1)
     if strategy == "top_bottom":
-        return torch.stack([order[:, 0], order[:, -1]], dim=1).unsqueeze(1)
+        return torch.stack([order[:, 0], worst], dim=1).unsqueeze(1)
     if strategy == "skip_top":
-        return torch.stack([order[:, min(1, k - 1)], order[:, -1]], dim=1).unsqueeze(1)
+        second = order[:, min(1, k - 1)]
+        return torch.stack([torch.where(n_allowed >= 2, second, order[:, 0]), worst], dim=1).unsqueeze(1)
     if strategy == "top_random":
         if generator is None:
             generator = torch.Generator().manual_seed(0)
@@ -171,6 +195,8 @@ def mine_pairs(
     masks: torch.Tensor,
     cfg: MiningConfig,
     generator: torch.Generator | None = None,
+    allowed: torch.Tensor | None = None,
+    identity: int | None = None,
 ) -> torch.Tensor:
     """Preference pairs from judge scores (strategies, filters and ties: see the module docstring).
 
@@ -179,6 +205,8 @@ def mine_pairs(
         masks: (N, K, H, W) the proposals (uint8 {0, 1}; nonzero is foreground).
         cfg: strategy, min_gap, min_disagreement (fraction of H W), max_pairs_per_image.
         generator: randomness of ``top_random``; a generator seeded with 0 when None.
+        allowed: (N, K) bool, the plausible proposals (None: all); no pair touches another.
+        identity: index of the identity proposal (``top_identity``; always allowed).
 
     Returns:
         (P, 3) int64 rows of (image index, chosen k, rejected k), by image, then priority.
@@ -187,13 +215,18 @@ def mine_pairs(
     n, k, h, w = masks.shape
     if n == 0 or k < 2:
         return torch.zeros((0, 3), dtype=torch.long)
-    cand = candidate_pairs(scores, cfg.strategy, generator)  # (N, M, 2)
+    if allowed is not None and identity is not None:
+        allowed = allowed.clone()
+        allowed[:, identity] = True
+    cand = candidate_pairs(scores, cfg.strategy, generator, allowed, identity)  # (N, M, 2)
     m = cand.shape[1]
     img = torch.arange(n).repeat_interleave(m)
     chosen, rejected = cand[..., 0].reshape(-1), cand[..., 1].reshape(-1)
     s = scores.double()
     gap = s[img, chosen] - s[img, rejected]
     keep = (gap > 0) & (gap >= cfg.min_gap)
+    if allowed is not None:
+        keep &= allowed[img, chosen] & allowed[img, rejected]
     img, chosen, rejected = img[keep], chosen[keep], rejected[keep]
     differ = _disagreement_counts(masks, img, chosen, rejected)
     keep = (differ > 0) & (differ.double() / (h * w) >= cfg.min_disagreement)
@@ -263,31 +296,41 @@ def mine_split(
 ) -> tuple[MinedPairs, dict]:
     """Proposals -> judge -> mining over a whole split, chunk by chunk, keeping only the pairs.
 
+    The one pipeline of a preference round: the unlabelled sample and the calibration split both
+    go through it, so the judge is measured on calibration exactly as it is used.
+
     Args:
         model: the received model (the frozen reference), on ``device``.
         images: (N, C, H, W).
-        judge: scores each chunk's proposals.
-        cfg_mining, cfg_proposals: how to mine, how to propose.
-        truth: (N, 1, H, W) ground truth or None. The oracle judge needs it; when given, the
-            stats also hold the judge's true reliability on this split.
+        judge: scores each chunk's proposals from the images and proposals alone (an oracle
+            must already be bound to this split's masks: ``shared.judges.oracle.bind_to``).
+        cfg_mining, cfg_proposals: how to mine, how to propose (and which proposals are plausible).
+        truth: (N, 1, H, W) ground truth or None. Used only to measure: the judge never gets it.
         chunk_size: images per chunk (rounded as in ``iter_proposals``); bounds memory.
         seed: seeds the MC-dropout proposals and the ``top_random`` choices.
 
     Returns:
         ``(pairs, stats)``: MinedPairs with ``image_index`` into ``images``, and plain numbers:
         ``images``, ``proposals_per_image``, ``pairs``, ``pairs_per_image``, ``images_with_pairs``,
-        ``score_gap_mean``, ``disagreement_q10 / q50 / q90`` (fractions of the image; all 0.0
-        without pairs), ``seconds_proposals / seconds_judge / seconds_mining``, and with truth
-        the keys of ``reliability_report`` (pair_accuracy, spearman, pair_gain, ...).
+        ``implausible_fraction`` (share of proposals mining ignored), ``score_gap_mean``,
+        ``disagreement_q10 / q50 / q90`` (fractions of the image; all 0.0 without pairs),
+        ``seconds_proposals / seconds_judge / seconds_mining``, and with truth the keys of
+        ``reliability_report`` (pair_accuracy, spearman, pair_gain, ...) and the headroom:
+        ``dice_identity`` (mean true Dice of the model's own prediction), ``dice_best`` (of the
+        best plausible proposal: what a perfect judge would pick), ``dice_pick`` (of the judge's
+        top plausible proposal) and ``dice_chosen`` (of the chosen masks of the mined pairs).
     """
     if images.dim() != 4:
         raise ValueError(f"images must be a (N, C, H, W) tensor, got {tuple(images.shape)}")
     n, _, h, w = images.shape
     if truth is not None and tuple(truth.shape) != (n, 1, h, w):
         raise ValueError(f"truth has shape {tuple(truth.shape)} but images are {tuple(images.shape)}: expected ({n}, 1, {h}, {w})")
+    labels = proposal_labels(cfg_proposals)
+    identity = labels.index("tta:identity") if "tta:identity" in labels else None
     generator = torch.Generator().manual_seed(seed)
     parts: list[MinedPairs] = []
-    kept_scores, kept_dice, kept_pairs = [], [], []
+    measured: dict[str, list[torch.Tensor]] = {"scores": [], "dice": [], "pairs": [], "allowed": [], "identity": []}
+    implausible = 0
     seconds = {"proposals": 0.0, "judge": 0.0, "mining": 0.0}
     chunks = iter_proposals(model, images, cfg_proposals, device, chunk_size=chunk_size, seed=seed)
     while True:
@@ -298,31 +341,69 @@ def mine_split(
         if item is None:
             break
         start, proposals = item
-        stop = start + len(proposals)
-        chunk_truth = truth[start:stop] if truth is not None else None
-        scores = check_scores(judge.score(images[start:stop], proposals, chunk_truth), proposals, judge.name)
+        scores = check_scores(judge.score(images[start : start + len(proposals)], proposals), proposals, judge.name)
         t2 = time.perf_counter()
-        pairs = mine_pairs(scores, proposals.masks, cfg_mining, generator)
+        allowed = plausible(proposals, cfg_proposals.max_area_ratio)
+        if identity is not None:
+            allowed[:, identity] = True
+        implausible += int((~allowed).sum())
+        pairs = mine_pairs(scores, proposals.masks, cfg_mining, generator, allowed, identity)
         parts.append(gather_pairs(proposals, pairs, offset=start, scores=scores))
-        if chunk_truth is not None:
-            kept_scores.append(scores)
-            kept_dice.append(dice_scores(proposals.masks, chunk_truth))
-            kept_pairs.append(pairs + torch.tensor([start, 0, 0]))
+        if truth is not None:
+            chunk_truth = truth[start : start + len(proposals)]
+            measured["scores"].append(scores)
+            measured["dice"].append(dice_scores(proposals.masks, chunk_truth))
+            measured["pairs"].append(pairs + torch.tensor([start, 0, 0]))
+            measured["allowed"].append(allowed)
+            measured["identity"].append(dice_scores((proposals.ref_logits > 0).to(torch.uint8), chunk_truth)[:, 0])
         seconds["judge"] += t2 - t1
         seconds["mining"] += time.perf_counter() - t2
         del item, proposals, scores  # the chunk's proposals go before the next is made; only its pairs stay
 
     mined = MinedPairs.concat(parts) if parts else MinedPairs.empty(h, w)
-    k = len(proposal_labels(cfg_proposals))
+    k = len(labels)
     stats = _summary(mined, n, k)
+    stats["implausible_fraction"] = implausible / (n * k) if n * k else 0.0
     stats.update({f"seconds_{name}": round(value, 4) for name, value in seconds.items()})
     if truth is not None:
-        if kept_scores:
-            stats.update(reliability_report(torch.cat(kept_scores), torch.cat(kept_dice), torch.cat(kept_pairs)))
+        if measured["scores"]:
+            table = {key: torch.cat(values) for key, values in measured.items()}
         else:
-            stats.update(reliability_report(torch.zeros(0, k), torch.zeros(0, k), torch.zeros(0, 3, dtype=torch.long)))
+            table = {"scores": torch.zeros(0, k), "dice": torch.zeros(0, k), "pairs": torch.zeros(0, 3, dtype=torch.long),
+                     "allowed": torch.zeros(0, k, dtype=torch.bool), "identity": torch.zeros(0)}
+        stats.update(reliability_report(table["scores"], table["dice"], table["pairs"]))
+        stats.update(headroom(table["scores"], table["dice"], table["allowed"], table["identity"], table["pairs"]))
         stats.pop("n_images", None)  # same as "images"
     return mined, stats
+
+
+def headroom(scores: torch.Tensor, true_dice: torch.Tensor, allowed: torch.Tensor, identity_dice: torch.Tensor,
+             pairs: torch.Tensor) -> dict:
+    """What a round can gain and how much of it the judge captures, as mean true Dice over images.
+
+    Args:
+        scores, true_dice: (N, K); allowed: (N, K) bool, the plausible proposals;
+        identity_dice: (N,) true Dice of the model's own (identity) prediction;
+        pairs: (P, 3) mined pairs of (image, chosen k, rejected k).
+
+    Returns:
+        ``dice_identity``, ``dice_best`` (the best plausible proposal), ``dice_pick`` (the judge's
+        top plausible proposal) and ``dice_chosen`` (mean over the pairs' chosen masks; 0.0 without
+        pairs). All 0.0 for no images.
+    """
+    n = true_dice.shape[0]
+    if n == 0:
+        return {"dice_identity": 0.0, "dice_best": 0.0, "dice_pick": 0.0, "dice_chosen": 0.0}
+    none = ~allowed.any(1, keepdim=True)
+    allowed = allowed | none  # an image with no plausible proposal: all of them count
+    best = torch.where(allowed, true_dice, torch.full_like(true_dice, -1.0)).max(1).values
+    masked_scores = torch.where(allowed, scores.double(), torch.full_like(scores, float("-inf"), dtype=torch.float64))
+    pick = true_dice.gather(1, masked_scores.argmax(1, keepdim=True))[:, 0]
+    pairs = torch.as_tensor(pairs).long().reshape(-1, 3)
+    chosen = true_dice[pairs[:, 0], pairs[:, 1]] if len(pairs) else torch.zeros(0)
+    return {"dice_identity": float(identity_dice.double().mean()), "dice_best": float(best.double().mean()),
+            "dice_pick": float(pick.double().mean()),
+            "dice_chosen": float(chosen.double().mean()) if len(chosen) else 0.0}
 
 
 # ----------------------------------------------------------------------------- internals

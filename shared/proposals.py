@@ -6,12 +6,23 @@ For each image the model yields
   logits are mapped back; eval mode, dropout off), labelled ``'tta:<name>'``;
 - ``cfg.mc_samples`` MC-dropout samples (only the dropout layers in train mode; seeded),
   labelled ``'mc:<i>'``;
-- one mask per threshold ``t`` in ``cfg.thresholds`` of the mean foreground probability over
-  all the TTA and MC passes, labelled ``'thr:<t:.2f>'``.
+- one mask per threshold ``t`` in ``cfg.thresholds``, labelled ``'thr:<t:.2f>'``, of the mean
+  foreground probability over all the TTA and MC passes (``threshold_of: mean``) or of the
+  identity pass's own probability map (``threshold_of: identity``);
+- one mask per radius ``r`` in ``cfg.morph``: the identity pass's mask dilated (``r > 0``) or
+  eroded (``r < 0``) by a (2|r|+1)-pixel square, labelled ``'morph:+1'``, ``'morph:-1'``: the
+  boundary variants RN-DPO's disagreement region is made of.
 
-A TTA or MC mask is ``sigmoid(logit) > 0.5``. ``K = len(tta) + mc_samples + len(thresholds)``,
-in that order. The logits of the eval-mode identity pass are kept as ``ref_logits``: they are
-the frozen DPO reference, cached here so the reference model never runs again.
+A TTA or MC mask is ``sigmoid(logit) > 0.5``. ``K = len(tta) + mc_samples + len(thresholds) +
+len(morph)``, in that order. The logits of the eval-mode identity pass are kept as
+``ref_logits``: they are the frozen DPO reference, cached here so the reference model never
+runs again.
+
+Every proposal knows the pass it was made from (``ProposalSet.sources``), and the probability
+map of every pass is kept (``pass_probs``, float16), so that a label-free judge can score a
+proposal against the passes that did not produce it (leave-one-out) instead of against a mean
+it is itself part of. ``plausible`` flags proposals whose area is far from the consensus's (a
+mask covering the frame, or nothing): mining never uses them.
 
 Batching: images go through in batches of ``b = max(1, cfg.batch_size // passes)`` where
 ``passes = max(number of eval-mode views, mc_samples)``; the views of one batch are stacked into
@@ -37,6 +48,8 @@ __all__ = [
     "iter_proposals",
     "plain_inference",
     "proposal_labels",
+    "proposal_sources",
+    "plausible",
     "apply_tta",
 ]
 
@@ -51,15 +64,27 @@ class ProposalSet:
         ref_logits: (N, 1, H, W) float32, logits of the eval-mode identity pass of the received
             model: the frozen DPO reference.
         labels: K names, e.g. ``('tta:identity', 'tta:hflip', 'mc:0', 'thr:0.30')``.
+        positions: (N,) int64, each image's position in the split it came from (0..N-1 when None).
+        pass_probs: (N, P, H, W) float16 probability map of each of the P passes (the first P
+            proposals), or None.
+        sources: K ints, the pass (proposal index < P) each proposal was made from, -1 for a
+            proposal made from every pass (a threshold of the mean); None when unknown.
     """
 
     masks: torch.Tensor
     mean_prob: torch.Tensor
     ref_logits: torch.Tensor
     labels: tuple[str, ...]
+    positions: torch.Tensor | None = None
+    pass_probs: torch.Tensor | None = None
+    sources: tuple[int, ...] | None = None
 
     def __post_init__(self):
         self.labels = tuple(self.labels)
+        if self.positions is None:
+            self.positions = torch.arange(self.masks.shape[0])
+        if self.sources is not None:
+            self.sources = tuple(int(x) for x in self.sources)
         m = self.masks
         if m.dim() != 4 or m.dtype != torch.uint8:
             raise ValueError(f"masks must be a (N, K, H, W) uint8 tensor, got {tuple(m.shape)} {m.dtype}")
@@ -70,6 +95,18 @@ class ProposalSet:
             raise ValueError(f"ref_logits has shape {tuple(self.ref_logits.shape)}, expected {(n, 1, h, w)} from masks {tuple(m.shape)}")
         if len(self.labels) != k:
             raise ValueError(f"{len(self.labels)} labels for K = {k} proposals (masks {tuple(m.shape)})")
+        if tuple(self.positions.shape) != (n,):
+            raise ValueError(f"positions has shape {tuple(self.positions.shape)}, expected ({n},)")
+        if self.pass_probs is not None and (self.pass_probs.dim() != 4 or tuple(self.pass_probs.shape[::2]) != (n, h)
+                                            or self.pass_probs.shape[3] != w or self.pass_probs.shape[1] > k):
+            raise ValueError(f"pass_probs has shape {tuple(self.pass_probs.shape)}, expected ({n}, P <= {k}, {h}, {w})")
+        if self.sources is not None and len(self.sources) != k:
+            raise ValueError(f"{len(self.sources)} sources for K = {k} proposals")
+
+    @property
+    def n_passes(self) -> int:
+        """P: how many of the proposals are raw passes (TTA views and MC samples), 0 if unknown."""
+        return 0 if self.pass_probs is None else self.pass_probs.shape[1]
 
     def __len__(self) -> int:
         return self.masks.shape[0]
@@ -91,6 +128,9 @@ class ProposalSet:
             mean_prob=self.mean_prob.index_select(0, idx),
             ref_logits=self.ref_logits.index_select(0, idx),
             labels=self.labels,
+            positions=self.positions.index_select(0, idx),
+            pass_probs=None if self.pass_probs is None else self.pass_probs.index_select(0, idx),
+            sources=self.sources,
         )
 
     @classmethod
@@ -105,11 +145,15 @@ class ProposalSet:
                     f"part {i} has labels {p.labels} and masks {tuple(p.masks.shape)}, "
                     f"part 0 has {first.labels} and {tuple(first.masks.shape)}"
                 )
+        probs = [p.pass_probs for p in parts]
         return cls(
             masks=torch.cat([p.masks for p in parts]),
             mean_prob=torch.cat([p.mean_prob for p in parts]),
             ref_logits=torch.cat([p.ref_logits for p in parts]),
             labels=first.labels,
+            positions=torch.cat([p.positions for p in parts]),
+            pass_probs=None if any(x is None for x in probs) else torch.cat(probs),
+            sources=first.sources,
         )
 
 
@@ -119,7 +163,33 @@ def proposal_labels(cfg: ProposalConfig) -> tuple[str, ...]:
         tuple(f"tta:{t}" for t in cfg.tta)
         + tuple(f"mc:{i}" for i in range(cfg.mc_samples))
         + tuple(f"thr:{t:.2f}" for t in cfg.thresholds)
+        + tuple(f"morph:{r:+d}" for r in cfg.morph)
     )
+
+
+def proposal_sources(cfg: ProposalConfig) -> tuple[int, ...]:
+    """For each proposal, the pass it was made from: its own index for a TTA or MC pass, the
+    identity pass's index for identity-derived thresholds and morphological variants, -1 for
+    thresholds of the mean over every pass."""
+    passes = len(cfg.tta) + cfg.mc_samples
+    identity = cfg.tta.index("identity") if "identity" in cfg.tta else -1
+    thr_source = -1 if cfg.threshold_of == "mean" else identity
+    return tuple(range(passes)) + (thr_source,) * len(cfg.thresholds) + (identity,) * len(cfg.morph)
+
+
+def plausible(proposals: ProposalSet, max_area_ratio: float | None) -> torch.Tensor:
+    """(N, K) bool: proposals whose foreground area is within a factor ``max_area_ratio`` of the
+    consensus mask's (``mean_prob > 0.5``; its area taken as at least 1 % of the image for the
+    upper bound). A mask that covers the frame or vanishes is not a candidate answer, and a pair
+    against it teaches what the model already knows. All True when ``max_area_ratio`` is None.
+    """
+    n, k, h, w = proposals.masks.shape
+    if max_area_ratio is None:
+        return torch.ones((n, k), dtype=torch.bool)
+    area = (proposals.masks != 0).flatten(2).sum(-1).double()  # (N, K)
+    consensus = (proposals.mean_prob > 0.5).flatten(1).sum(-1, keepdim=True).double()  # (N, 1)
+    upper = max_area_ratio * consensus.clamp_min(0.01 * h * w)
+    return (area <= upper) & (area >= consensus / max_area_ratio)
 
 
 def apply_tta(x: torch.Tensor, name: str, inverse: bool = False) -> torch.Tensor:
@@ -221,7 +291,7 @@ def _generate(model, images, cfg: ProposalConfig, device: torch.device, seed: in
     _check_images(images)
     n, _, h, w = images.shape
     labels = proposal_labels(cfg)
-    n_tta, n_mc, n_thr = len(cfg.tta), cfg.mc_samples, len(cfg.thresholds)
+    n_tta, n_mc, n_thr, n_morph = len(cfg.tta), cfg.mc_samples, len(cfg.thresholds), len(cfg.morph)
     # the eval-mode views to forward: the TTA ones, plus identity for the reference if absent
     views = list(dict.fromkeys(cfg.tta))
     if "identity" not in views:
@@ -231,7 +301,8 @@ def _generate(model, images, cfg: ProposalConfig, device: torch.device, seed: in
         shape = (w, h) if name in ("rot90", "rot270") else (h, w)
         groups.setdefault(shape, []).append(name)
 
-    masks = torch.empty((n, n_tta + n_mc + n_thr, h, w), dtype=torch.uint8)
+    masks = torch.empty((n, n_tta + n_mc + n_thr + n_morph, h, w), dtype=torch.uint8)
+    pass_probs = torch.empty((n, n_tta + n_mc, h, w), dtype=torch.float16)
     mean_prob = torch.empty((n, h, w), dtype=torch.float32)
     ref_logits = torch.empty((n, 1, h, w), dtype=torch.float32)
     thresholds = torch.tensor(cfg.thresholds, dtype=torch.float32, device=device).view(1, -1, 1, 1)
@@ -264,12 +335,36 @@ def _generate(model, images, cfg: ProposalConfig, device: torch.device, seed: in
             prob = torch.sigmoid(logits)
             mean = prob.mean(dim=1)  # (b, h, w)
             pass_masks = prob > 0.5
-            thr_masks = mean.unsqueeze(1) > thresholds
+            identity_prob = torch.sigmoid(view_logits["identity"])  # (b, 1, h, w)
+            thr_map = mean.unsqueeze(1) if cfg.threshold_of == "mean" else identity_prob
+            parts = [pass_masks, thr_map > thresholds]
+            if n_morph:
+                parts.append(_morph_variants(identity_prob > 0.5, cfg.morph))
             sl = slice(start, start + b)
-            masks[sl] = torch.cat([pass_masks, thr_masks], dim=1).to(torch.uint8).cpu()
+            masks[sl] = torch.cat(parts, dim=1).to(torch.uint8).cpu()
+            pass_probs[sl] = prob.to(torch.float16).cpu()
             mean_prob[sl] = mean.cpu()
             ref_logits[sl] = view_logits["identity"].cpu()
-    return ProposalSet(masks=masks, mean_prob=mean_prob, ref_logits=ref_logits, labels=labels)
+    return ProposalSet(masks=masks, mean_prob=mean_prob, ref_logits=ref_logits, labels=labels,
+                       positions=torch.arange(index_offset, index_offset + n), pass_probs=pass_probs,
+                       sources=proposal_sources(cfg))
+
+
+def _morph_variants(mask: torch.Tensor, radii) -> torch.Tensor:
+    """(b, 1, h, w) bool -> (b, len(radii), h, w) bool: dilated (r > 0) or eroded (r < 0) by a
+    (2|r|+1)-pixel square; r = 0 is the mask itself."""
+    x = mask.float()
+    out = []
+    for r in radii:
+        if r == 0:
+            out.append(x)
+            continue
+        size = 2 * abs(r) + 1
+        if r > 0:
+            out.append(torch.nn.functional.max_pool2d(x, size, stride=1, padding=abs(r)))
+        else:
+            out.append(-torch.nn.functional.max_pool2d(-x, size, stride=1, padding=abs(r)))
+    return torch.cat(out, dim=1) > 0.5
 
 
 def _forward(model, x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -348,6 +443,9 @@ def _check_config(cfg: ProposalConfig) -> None:
     for t in cfg.thresholds:
         if not 0.0 < t < 1.0:
             raise ValueError(f"proposals.thresholds: {t!r} must be between 0 and 1")
+    if (cfg.morph or (cfg.thresholds and cfg.threshold_of == "identity")) and "identity" not in cfg.tta:
+        raise ValueError("proposals.morph and proposals.threshold_of: identity are made from the identity pass: "
+                         "list identity in proposals.tta")
     if cfg.batch_size < 1:
         raise ValueError(f"proposals.batch_size must be >= 1, got {cfg.batch_size}")
 

@@ -20,10 +20,10 @@ import torch
 from shared.config import JudgeConfig, MiningConfig, PreferenceConfig, ProposalConfig, SupervisedConfig
 from shared.data import SplitData
 from shared.losses import dpo_loss, entropy_loss, preference_stats, rn_dpo_loss, supervised_loss
-from shared.mining import MinedPairs, gather_pairs, mine_pairs, mine_split
+from shared.judges.oracle import bind_to
+from shared.mining import MinedPairs, mine_split
 from shared.model import autocast, grad_scaler
-from shared.proposals import generate_proposals, plain_inference
-from shared.reliability import dice_scores, reliability_report
+from shared.proposals import generate_proposals, plain_inference, proposal_labels
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,11 @@ def supervised_round(
     )
 
 
+# what a site reports of the judge on its calibration split, as rel_<key> (the ledger reads these)
+CALIBRATION_FIGURES = ("pair_accuracy", "spearman", "pair_gain", "n_pairs", "images", "n_ranked_images",
+                       "dice_identity", "dice_best", "dice_pick", "dice_chosen", "implausible_fraction")
+
+
 def calibration_reliability(
     model: torch.nn.Module,
     calibration: SplitData,
@@ -74,16 +79,19 @@ def calibration_reliability(
     device: torch.device,
     seed: int = 0,
 ) -> tuple[dict, MinedPairs | None]:
-    """Judge the model's proposals on the calibration split exactly as on unlabelled data,
-    mine pairs the same way, and compare with ground truth (DESIGN.md section 3, step 5)."""
+    """Judge the model's proposals on the calibration split through the same pipeline as the
+    unlabelled data (``mine_split``), and compare with ground truth (DESIGN.md section 3, step 5).
+
+    Returns the figures of CALIBRATION_FIGURES (``images`` renamed ``n_images``): the judge's
+    reliability and the round's headroom (identity, best-of-K and judge-pick Dice)."""
     _require_masks(calibration, "calibration")
     if len(calibration.names) == 0:
-        return reliability_report(torch.zeros(0, 1), torch.zeros(0, 1), torch.zeros(0, 3, dtype=torch.long)), None
-    proposals = generate_proposals(model, calibration.images, proposals_cfg, device, seed=seed)
-    scores = judge.score(calibration.images, proposals, calibration.masks)
-    pairs = mine_pairs(scores, proposals.masks, mining)
-    true_dice = dice_scores(proposals.masks, calibration.masks)
-    return reliability_report(scores, true_dice, pairs), gather_pairs(proposals, pairs, scores=scores)
+        return {"pair_accuracy": 0.5, "spearman": 0.0, "pair_gain": 0.0, "n_pairs": 0, "n_images": 0,
+                "n_ranked_images": 0}, None
+    pairs, stats = mine_split(model, calibration.images, bind_to(judge, calibration.masks), mining, proposals_cfg,
+                              device, truth=calibration.masks, seed=seed)
+    figures = {("n_images" if key == "images" else key): stats[key] for key in CALIBRATION_FIGURES}
+    return figures, pairs
 
 
 def preference_round(
@@ -114,16 +122,24 @@ def preference_round(
     if cfg.method == "none":
         # The control arm: no preference loss. With lambda_sup > 0 it takes the same number of
         # anchor-only (supervised) steps, so a method's gain can be told from more supervision.
+        # `supervise_unlabeled` (the all_labelled upper bound) anchors on the unlabelled pool's
+        # true masks too: what labelling the pool would bring with the same steps.
         metrics["pairs_used"] = 0
+        if cfg.supervise_unlabeled:
+            _require_masks(unlabeled, "unlabeled")
+            labeled = _concat(labeled, unlabeled) if labeled is not None else unlabeled
         if cfg.lambda_sup == 0 or labeled is None or len(labeled.names) == 0:
             return RoundResult(num_examples=0, metrics=metrics, pairs=calib_pairs)
         metrics.update(_preference_steps(model, unlabeled, labeled, None, cfg, device, seed, progress))
         return RoundResult(num_examples=len(labeled.names), metrics=metrics, pairs=calib_pairs)
+    if cfg.supervise_unlabeled:
+        raise ValueError("preference.supervise_unlabeled is the all_labelled control: it needs method none")
 
-    pool = _limit(unlabeled, cfg.max_unlabeled)
+    pool = sample_unlabeled(unlabeled, cfg.max_unlabeled, seed)
+    # the unlabelled masks (simulation only) reach the oracle and the measurements, never another judge
     pairs, mining_stats = mine_split(
-        model, pool.images, judge, cfg.mining, cfg.proposals, device,
-        truth=pool.masks, seed=seed,
+        model, pool.images, bind_to(judge, pool.masks),
+        cfg.mining, cfg.proposals, device, truth=pool.masks, seed=seed,
     )
     metrics.update({f"mining_{k}": float(v) for k, v in mining_stats.items() if _is_number(v)})
     metrics["pairs_used"] = len(pairs)
@@ -260,7 +276,7 @@ def prepare_learned_judge(judge_cfg: JudgeConfig, work_dir, labeled: SplitData, 
         return LearnedJudge.load(work_dir, in_channels=labeled.images.shape[1], image_size=labeled.images.shape[-1])
     _require_masks(labeled, "labeled")
     n = len(labeled.names)
-    oof = torch.zeros((n, proposals_cfg_k(proposals_cfg), *labeled.masks.shape[-2:]), dtype=torch.uint8)
+    oof = torch.zeros((n, len(proposal_labels(proposals_cfg)), *labeled.masks.shape[-2:]), dtype=torch.uint8)
     for fold, (train_idx, held_idx) in enumerate(out_of_fold_indices(n, judge_cfg.folds, seed)):
         fold_model = model_factory()
         supervised_round(fold_model, subset(labeled, train_idx), supervised, device, seed=seed + fold, progress=progress)
@@ -270,11 +286,6 @@ def prepare_learned_judge(judge_cfg: JudgeConfig, work_dir, labeled: SplitData, 
     judge.save(work_dir)
     log.info("learned judge trained at %s: %s", work_dir, stats)
     return judge
-
-
-def proposals_cfg_k(cfg: ProposalConfig) -> int:
-    """K, the number of proposals per image a ProposalConfig yields."""
-    return len(cfg.tta) + cfg.mc_samples + len(cfg.thresholds)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -296,10 +307,19 @@ def _random_flips(images: torch.Tensor, masks: torch.Tensor, generator: torch.Ge
     return images, masks
 
 
-def _limit(split: SplitData, limit: int | None) -> SplitData:
+def sample_unlabeled(split: SplitData, limit: int | None, seed: int) -> SplitData:
+    """A fresh random sample of ``limit`` frames for this round (seeded by the round's seed), so
+    that over a run the whole pool is used, not the first ``limit`` names every round."""
     if limit is None or len(split.names) <= limit:
         return split
-    return subset(split, torch.arange(limit))
+    order = torch.randperm(len(split.names), generator=torch.Generator().manual_seed(seed + 7919))
+    return subset(split, order[:limit].sort().values)
+
+
+def _concat(a: SplitData, b: SplitData) -> SplitData:
+    """Two labelled splits as one (copies)."""
+    return SplitData(names=list(a.names) + list(b.names), images=torch.cat([a.images, b.images]),
+                     masks=torch.cat([a.masks, b.masks]))
 
 
 def subset(split: SplitData, index) -> SplitData:

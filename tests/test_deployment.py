@@ -124,7 +124,7 @@ def write_site(root: Path, name: str, port: int, superlink: str, key: Path | Non
         data:
           source: {{images: {DEMO / name / 'images'}, masks: {DEMO / name / 'masks'}}}
           split: {{labeled: 0.2, calibration: 0.15, unlabeled: 0.45, test: 0.2}}
-        judge: {{kind: oracle, noise_std: 0.05}}
+        judge: {{kind: agreement}}
         deployment:
           superlink: {superlink}
           ca_cert: {ca or files / 'ca.crt'}

@@ -75,7 +75,8 @@ def _lines(preference_rounds: int = 3) -> list[dict]:
                                         state=state,
                                         train={"loss": 0.2, "pairs_used": 9, "rel_pair_accuracy": acc,
                                                "rel_spearman": 0.6, "rel_pair_gain": 0.05, "rel_n_pairs": 9,
-                                               "margin": 1.3}))
+                                               "margin": 1.3, "rel_dice_identity": 0.7, "rel_dice_best": 0.8,
+                                               "rel_dice_pick": 0.7 + 0.1 * acc}))
         lines.append(_global_line(rnd, "preference", 0.75 + 0.01 * k, ok=3 - (rnd == 4), failed=int(rnd == 4)))
     return lines
 
@@ -184,7 +185,8 @@ def test_report_is_self_contained_and_complete(run_dir):
     path = _quiet(build_report, run_dir)
     assert path == run_dir / "report.html"
     page = path.read_text()
-    assert page.count("data:image/png;base64,") == 3 + 2  # dice, pair accuracy, weights + 2 overlays
+    assert page.count("data:image/png;base64,") == 4 + 2  # dice, pair accuracy, headroom, weights + 2 overlays
+    assert "Headroom" in page
     assert 'src="http' not in page and "<script" not in page and "<link" not in page
     assert CONSORTIUM in page and str(run_dir.resolve()) in page
     assert "How to read this" in page
@@ -294,14 +296,19 @@ def test_round_table_aligns_and_marks_missing():
     table = round_table(lines)
     assert table.splitlines()[0] == "Round 4 (preference), 41.2 s, aggregated"
     header, *rows = _cells(table)
-    assert header == ["site", "phase", "status", "dice", "hd95", "pair_acc", "pairs", "weight", "state"]
+    assert header == ["site", "phase", "status", "dice", "hd95", "pair_acc", "pairs", "weight", "state",
+                      "identity", "best_k", "pick"]
     by_site = {row[0]: row for row in rows}
     assert list(by_site) == ["jsrt", "montgomery", "shenzhen", "mean"]
-    assert by_site["shenzhen"] == ["shenzhen", "preference", "failed", "-", "-", "-", "-", "0.000", "trusted"]
+    assert by_site["shenzhen"] == ["shenzhen", "preference", "failed", "-", "-", "-", "-", "0.000", "trusted",
+                                   "-", "-", "-"]
     assert by_site["montgomery"][3:8] == [f"{_dice('montgomery', 4):.3f}", f"{10 - 5 * _dice('montgomery', 4):.3f}",
                                           "0.910", "9", "0.500"]
-    # mean row: global means, mean pair accuracy of the sites that have one, total pairs
-    assert by_site["mean"] == ["mean", "preference", "2 ok/1 failed", "0.760", "6.000", "0.715", "18", "-", "-"]
+    # headroom on calibration: the model's own mask, the best of K, the judge's pick
+    assert by_site["montgomery"][9:] == ["0.700", "0.800", "0.791"]
+    # mean row: global means, mean pair accuracy of the sites that have one, total pairs, mean headroom
+    assert by_site["mean"] == ["mean", "preference", "2 ok/1 failed", "0.760", "6.000", "0.715", "18", "-", "-",
+                               "0.700", "0.800", "0.771"]
     # numeric columns are right-aligned: every value ends where its header ends
     header_line, rule = table.splitlines()[1:3]
     dice_end = header_line.index("dice") + len("dice")
@@ -320,8 +327,8 @@ def test_round_table_dedups_and_rejects_several_rounds():
 def test_round_table_without_global_line():
     table = round_table([_site_line(1, "supervised", "jsrt", 0.8123)])
     header, jsrt, mean = _cells(table)
-    assert jsrt == ["jsrt", "supervised", "ok", "0.812", "5.938", "-", "-", "-", "-"]
-    assert mean == ["mean", "-", "-", "-", "-", "-", "-", "-", "-"]
+    assert jsrt == ["jsrt", "supervised", "ok", "0.812", "5.938", "-", "-", "-", "-", "-", "-", "-"]
+    assert mean == ["mean", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-"]
 
 
 @pytest.mark.parametrize("value, expected", [

@@ -4,6 +4,10 @@ A judge maps images (N, C, H, W) and their ProposalSet (K proposals per image) t
 (N, K) float32, higher is better. Scores are compared only within an image (mining ranks the
 K proposals of one image), but a judge should keep a comparable scale across images so that a
 mining ``min_gap`` means the same everywhere.
+
+A judge never receives ground truth: ``score`` takes the images and their proposals only. The
+oracle, which ranks by true Dice for experiments, is given the masks of the split it scores when
+it is built (``OracleJudge.bind``), and a site with a ``deployment:`` section refuses it.
 """
 
 from __future__ import annotations
@@ -23,19 +27,12 @@ class Judge(Protocol):
 
     name: str
 
-    def score(
-        self,
-        images: torch.Tensor,
-        proposals: ProposalSet,
-        truth: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def score(self, images: torch.Tensor, proposals: ProposalSet) -> torch.Tensor:
         """Score the proposals.
 
         Args:
             images: (N, C, H, W).
             proposals: N images' K proposals, ``masks`` (N, K, H, W).
-            truth: (N, 1, H, W) uint8 ground truth, or None. Only the oracle judge reads it,
-                and it raises a ValueError when it is None.
 
         Returns:
             (N, K) float32 on the CPU, higher is better.

@@ -213,9 +213,9 @@ class LearnedJudge:
 
     # ------------------------------------------------------------------------- scoring
 
-    def score(self, images: torch.Tensor, proposals, truth: torch.Tensor | None = None) -> torch.Tensor:
+    def score(self, images: torch.Tensor, proposals) -> torch.Tensor:
         """Predicted Dice of every proposal: ``(N, C, H, W)`` images, ``proposals.masks``
-        ``(N, K, H, W)`` -> ``(N, K)`` float32 in [0, 1] on the CPU. ``truth`` is ignored."""
+        ``(N, K, H, W)`` -> ``(N, K)`` float32 in [0, 1] on the CPU."""
         masks = torch.as_tensor(proposals.masks)
         images = torch.as_tensor(images)
         self._check_images(images, "images")
