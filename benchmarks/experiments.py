@@ -62,6 +62,8 @@ TASK_KEYS = {"consortium", "sites", "unseen", "image_size", "set", "site_set", "
 ARM_KEYS = {"name", "groups", "tasks", "set", "judge", "site_judges", "note", "seeds", "tier"}
 FALL_TOLERANCE = 1e-4
 CONTROL_ARM, REFERENCE_ARM = "sup_only", "rn_dpo"  # the paired differences of the tables are against these
+UPPER_ARM = "all_labelled"  # the control given the unlabelled pool's true masks: label efficiency's 100 %
+HEADROOM_KEYS = ("dice_identity", "dice_best", "dice_pick")  # calibration Dice: own mask, best of K, judge's pick
 
 
 class PresetError(ValueError):
@@ -495,7 +497,7 @@ def run_record(run: Run, base_run: Path, unseen: dict) -> dict:
     for site in {s for f in rounds.values() for s in f["reliability"]}:
         per_round = [rounds[r]["reliability"][site] for r in prefs if site in rounds[r]["reliability"]]
         reliability[site] = {k: _mean([x.get(k) for x in per_round])
-                             for k in ("pair_accuracy", "spearman", "pair_gain", "n_pairs", "weight")}
+                             for k in ("pair_accuracy", "spearman", "pair_gain", "n_pairs", "weight", *HEADROOM_KEYS)}
         reliability[site]["state_last"] = per_round[-1].get("state") if per_round else None
     return {"task": run.task, "arm": run.arm, "seed": run.seed, "status": run.status, "wall_s": run.wall_s,
             "rounds": rounds, "peak": peak, "last": last, "falls": falls, "reliability": reliability}
@@ -513,7 +515,8 @@ def _round_figures(lines: list[dict], unseen: dict) -> dict:
         if x.get("phase") == "preference" and "rel_pair_accuracy" in tr:
             reliability[x["site"]] = {"pair_accuracy": tr.get("rel_pair_accuracy"), "spearman": tr.get("rel_spearman"),
                                       "pair_gain": tr.get("rel_pair_gain"), "n_pairs": tr.get("rel_n_pairs"),
-                                      "weight": x.get("weight"), "state": x.get("state")}
+                                      "weight": x.get("weight"), "state": x.get("state"),
+                                      **{k: tr.get(f"rel_{k}") for k in HEADROOM_KEYS}}
     unseen = {c: {"dice": v.get("dice"), "hd95": v.get("hd95")} for c, v in unseen.items()}
     return {"mean_dice": glob.get("mean_dice"), "mean_hd95": glob.get("mean_hd95"), "sites": sites,
             "unseen": unseen, "unseen_mean_dice": _mean([v["dice"] for v in unseen.values()]),
@@ -552,6 +555,7 @@ def summarise(records: list[dict], preset: Preset) -> list[dict]:
     rows = []
     control = {(r["task"], r["seed"]): r for r in records if r["arm"] == CONTROL_ARM}
     reference = {(r["task"], r["seed"]): r for r in records if r["arm"] == REFERENCE_ARM}
+    upper = {(r["task"], r["seed"]): r for r in records if r["arm"] == UPPER_ARM}
     for task in preset.tasks:
         for arm in preset.arms:
             if task not in arm.tasks:
@@ -571,6 +575,10 @@ def summarise(records: list[dict], preset: Preset) -> list[dict]:
             row["last_minus_rn_dpo"] = [
                 fig(r, "last")["mean_dice"] - fig(c, "last")["mean_dice"]
                 for r in recs if (c := reference.get((task, r["seed"]))) is not None]
+            row["label_efficiency"] = [
+                _efficiency(fig(r, "last")["mean_dice"], fig(c, "last")["mean_dice"], fig(u, "last")["mean_dice"])
+                for r in recs if (c := control.get((task, r["seed"]))) is not None
+                and (u := upper.get((task, r["seed"]))) is not None]
             row["falls"] = [r["falls"] for r in recs]
             row["n_rounds"] = [r["last"] for r in recs]
             row["peak_hd95"] = [fig(r, "peak")["mean_hd95"] for r in recs]
@@ -586,11 +594,30 @@ def summarise(records: list[dict], preset: Preset) -> list[dict]:
                             row[f"{which}_{s}_{metric}"] = [fig(r, which)[kind].get(s, {}).get(metric) for r in recs]
             row["_reliability"] = sorted({s for r in recs for s in r["reliability"]})
             for s in row["_reliability"]:
-                for metric in ("pair_accuracy", "spearman", "pair_gain", "n_pairs", "weight"):
+                for metric in ("pair_accuracy", "spearman", "pair_gain", "n_pairs", "weight", *HEADROOM_KEYS):
                     row[f"rel_{s}_{metric}"] = [r["reliability"].get(s, {}).get(metric) for r in recs]
+            for key in HEADROOM_KEYS:  # per seed, the mean over sites and preference rounds
+                row[key] = [_mean([x.get(key) for x in r["reliability"].values()]) for r in recs]
+            row["headroom_capture"] = [_capture(*(_mean([x.get(k) for x in r["reliability"].values()])
+                                                  for k in HEADROOM_KEYS)) for r in recs]
             row["wall_s"] = [r["wall_s"] for r in recs]
             rows.append(row)
     return rows
+
+
+def _efficiency(method: float | None, control: float | None, upper: float | None) -> float | None:
+    """(method - control) / (upper - control): the share of the gain labelling the pool would bring
+    that the method gets without labels; None where labelling gains nothing (upper <= control)."""
+    if None in (method, control, upper) or upper - control <= 1e-9:
+        return None
+    return (method - control) / (upper - control)
+
+
+def _capture(identity: float | None, best: float | None, pick: float | None) -> float | None:
+    """(pick - identity) / (best - identity): the share of the best-of-K headroom the judge's pick takes."""
+    if None in (identity, best, pick) or best - identity <= 1e-9:
+        return None
+    return (pick - identity) / (best - identity)
 
 
 TEXT_FIELDS = ("task", "arm", "groups", "note", "seeds_done", "seeds_planned")
@@ -651,7 +678,9 @@ def markdown(rows: list[dict], records: list[dict], preset: Preset, command: str
            "test Dice of the training sites (an optimistic, test-chosen round); *last*: the final round; "
            "*falls*: rounds whose mean Dice fell below the round before; Δ base / Δ sup_only / Δ rn_dpo: "
            "last-round mean Dice minus that of the base / the supervised-only control / the RN-DPO "
-           "reference arm on the same seed (paired differences).", ""]
+           "reference arm on the same seed (paired differences); *label eff.*: (arm - sup_only) / "
+           "(all_labelled - sup_only) at the last round, paired by seed: the share of the gain that "
+           "labelling the unlabelled pool would bring which the arm gets without labels.", ""]
     if pending:
         out += ["**Not finished:** " + ", ".join(pending), ""]
     for task in preset.tasks:
@@ -659,14 +688,24 @@ def markdown(rows: list[dict], records: list[dict], preset: Preset, command: str
         if not trows:
             continue
         out += [f"## Task `{task}`", "", "### Summary (mean test Dice of the training sites)", "",
-                "| arm | seeds | base | peak (round) | last | Δ base | Δ sup_only | Δ rn_dpo | falls | HD95 last | unseen Dice peak | unseen Dice last |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                "| arm | seeds | base | peak (round) | last | Δ base | Δ sup_only | Δ rn_dpo | label eff. | falls | HD95 last | unseen Dice peak | unseen Dice last |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in trows:
             out.append(f"| {r['arm']} | {r['seeds_done']}/{r['seeds_planned']} | {_fmt(r['base_dice'])} | "
                        f"{_fmt(r['peak_dice'])} ({_fmt(r['peak_round'], 1)}) | {_fmt(r['last_dice'])} | "
                        f"{_fmt(r['last_minus_base'])} | {_fmt(r['last_minus_sup_only'])} | {_fmt(r['last_minus_rn_dpo'])} | "
-                       f"{_fmt(r['falls'], 1)} | "
+                       f"{_fmt(r['label_efficiency'], 2)} | {_fmt(r['falls'], 1)} | "
                        f"{_fmt(r['last_hd95'], 1)} | {_fmt(r['peak_unseen_dice'])} | {_fmt(r['last_unseen_dice'])} |")
+        headroom_rows = [r for r in trows if any(v is not None for v in r.get("dice_best", []))]
+        if headroom_rows:
+            out += ["", "### Headroom on the calibration splits (mean over sites and preference rounds)", "",
+                    "Dice of the model's own mask (*identity*), of the best of its K plausible proposals "
+                    "(*best of K*: what a perfect judge would pick) and of the judge's pick; *capture* = "
+                    "(pick - identity) / (best - identity).", "",
+                    "| arm | identity | best of K | judge's pick | capture |", "|---|---|---|---|---|"]
+            for r in headroom_rows:
+                out.append(f"| {r['arm']} | {_fmt(r['dice_identity'])} | {_fmt(r['dice_best'])} | "
+                           f"{_fmt(r['dice_pick'])} | {_fmt(r['headroom_capture'], 2)} |")
         out += _round_table(records, task, [r["arm"] for r in trows])
         for kind, title in (("sites", "Per training site (test split)"), ("unseen", "Unseen centres (all frames, never federated)")):
             names = sorted({n for r in trows for n in r[f"_{kind}"]})

@@ -318,7 +318,8 @@ def mine_split(
         ``reliability_report`` (pair_accuracy, spearman, pair_gain, ...) and the headroom:
         ``dice_identity`` (mean true Dice of the model's own prediction), ``dice_best`` (of the
         best plausible proposal: what a perfect judge would pick), ``dice_pick`` (of the judge's
-        top plausible proposal) and ``dice_chosen`` (of the chosen masks of the mined pairs).
+        top plausible proposal), ``dice_chosen`` (of the chosen masks of the mined pairs) and
+        ``chosen_over_identity`` (their gain over the model's own prediction of the same image).
     """
     if images.dim() != 4:
         raise ValueError(f"images must be a (N, C, H, W) tensor, got {tuple(images.shape)}")
@@ -388,22 +389,27 @@ def headroom(scores: torch.Tensor, true_dice: torch.Tensor, allowed: torch.Tenso
 
     Returns:
         ``dice_identity``, ``dice_best`` (the best plausible proposal), ``dice_pick`` (the judge's
-        top plausible proposal) and ``dice_chosen`` (mean over the pairs' chosen masks; 0.0 without
-        pairs). All 0.0 for no images.
+        top plausible proposal), ``dice_chosen`` (mean over the pairs' chosen masks) and
+        ``chosen_over_identity`` (mean over the pairs of Dice(chosen) - Dice(identity) of the
+        pair's image: what moving the model toward the chosen masks would gain); the last two are
+        0.0 without pairs. All 0.0 for no images.
     """
     n = true_dice.shape[0]
     if n == 0:
-        return {"dice_identity": 0.0, "dice_best": 0.0, "dice_pick": 0.0, "dice_chosen": 0.0}
+        return {"dice_identity": 0.0, "dice_best": 0.0, "dice_pick": 0.0, "dice_chosen": 0.0,
+                "chosen_over_identity": 0.0}
     none = ~allowed.any(1, keepdim=True)
     allowed = allowed | none  # an image with no plausible proposal: all of them count
     best = torch.where(allowed, true_dice, torch.full_like(true_dice, -1.0)).max(1).values
     masked_scores = torch.where(allowed, scores.double(), torch.full_like(scores, float("-inf"), dtype=torch.float64))
     pick = true_dice.gather(1, masked_scores.argmax(1, keepdim=True))[:, 0]
     pairs = torch.as_tensor(pairs).long().reshape(-1, 3)
-    chosen = true_dice[pairs[:, 0], pairs[:, 1]] if len(pairs) else torch.zeros(0)
+    chosen = true_dice[pairs[:, 0], pairs[:, 1]].double() if len(pairs) else torch.zeros(0, dtype=torch.float64)
+    gain = chosen - identity_dice.double()[pairs[:, 0]] if len(pairs) else chosen
     return {"dice_identity": float(identity_dice.double().mean()), "dice_best": float(best.double().mean()),
             "dice_pick": float(pick.double().mean()),
-            "dice_chosen": float(chosen.double().mean()) if len(chosen) else 0.0}
+            "dice_chosen": float(chosen.mean()) if len(chosen) else 0.0,
+            "chosen_over_identity": float(gain.mean()) if len(gain) else 0.0}
 
 
 # ----------------------------------------------------------------------------- internals

@@ -67,7 +67,8 @@ def supervised_round(
 
 # what a site reports of the judge on its calibration split, as rel_<key> (the ledger reads these)
 CALIBRATION_FIGURES = ("pair_accuracy", "spearman", "pair_gain", "n_pairs", "images", "n_ranked_images",
-                       "dice_identity", "dice_best", "dice_pick", "dice_chosen", "implausible_fraction")
+                       "dice_identity", "dice_best", "dice_pick", "dice_chosen", "chosen_over_identity",
+                       "implausible_fraction")
 
 
 def calibration_reliability(

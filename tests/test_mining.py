@@ -1,15 +1,19 @@
-"""Tests for shared/mining.py: strategies on hand-built score tables, filters, caps, gathering, mine_split."""
+"""Tests for shared/mining.py: strategies on hand-built score tables, plausibility, filters, caps,
+gathering, headroom, mine_split (the judge never sees the truth it is measured against)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 from monai.networks.nets import UNet
 
 from shared.config import MiningConfig, ProposalConfig
-from shared.judges import AgreementJudge, OracleJudge
-from shared.mining import MinedPairs, gather_pairs, mine_pairs, mine_split
-from shared.proposals import ProposalSet
+from shared.judges import AgreementJudge, OracleJudge, UncertaintyJudge
+from shared.mining import MinedPairs, candidate_pairs, gather_pairs, headroom, mine_pairs, mine_split
+from shared.proposals import ProposalSet, generate_proposals, plausible
+from shared.reliability import dice_scores
 
 # Two images, K = 4. Scores chosen exactly representable in binary floating point.
 #   image 0: ranked 2 (0.75) > 0 (0.5) > 3 (0.25) > 1 (0.0)
@@ -166,14 +170,15 @@ def test_mine_split_end_to_end_and_chunking():
     truth = (torch.rand(6, 1, 16, 16, generator=g) > 0.6).to(torch.uint8)
     cfg_p = ProposalConfig(tta=("identity", "hflip"), mc_samples=2, thresholds=(0.3, 0.5), batch_size=4)
     cfg_m = MiningConfig(strategy="gap", max_pairs_per_image=2, min_disagreement=0.0)
-    small, stats = mine_split(model, images, OracleJudge(), cfg_m, cfg_p, "cpu", truth=truth, chunk_size=2)
-    whole, _ = mine_split(model, images, OracleJudge(), cfg_m, cfg_p, "cpu", truth=truth, chunk_size=64)
+    small, stats = mine_split(model, images, OracleJudge(truth=truth), cfg_m, cfg_p, "cpu", truth=truth, chunk_size=2)
+    whole, _ = mine_split(model, images, OracleJudge(truth=truth), cfg_m, cfg_p, "cpu", truth=truth, chunk_size=64)
     assert 0 < len(small) <= 12
     for name in ("image_index", "chosen", "rejected", "ref_logits", "score_gap"):
         assert torch.equal(getattr(small, name), getattr(whole, name)), name
     assert int(small.image_index.max()) >= 4  # later chunks are offset into the split
     assert stats["images"] == 6 and stats["proposals_per_image"] == 6 and stats["pairs"] == len(small)
     assert stats["pair_accuracy"] == 1.0 and stats["pair_gain"] > 0  # a perfect judge
+    assert stats["dice_pick"] == stats["dice_best"] and stats["implausible_fraction"] == 0.0
     assert 0 < stats["disagreement_q50"] <= 1 and stats["score_gap_mean"] > 0
     assert all(isinstance(v, (int, float)) for v in stats.values())
 
@@ -186,5 +191,180 @@ def test_mine_split_without_truth_and_no_pairs():
     pairs, stats = mine_split(model, images, AgreementJudge(), MiningConfig(min_disagreement=1.0), cfg_p, "cpu")
     assert len(pairs) == 0 and pairs.chosen.shape == (0, 1, 16, 16)
     assert stats["pairs"] == 0 and stats["score_gap_mean"] == 0.0 and "pair_accuracy" not in stats
-    with pytest.raises(ValueError, match="oracle judge needs ground-truth"):
+    assert stats["implausible_fraction"] == 0.0 and "dice_best" not in stats
+    # an oracle must be bound before it reaches mine_split: the truth given to mine_split is for measuring only
+    with pytest.raises(ValueError, match="holds no ground truth: bind it"):
         mine_split(model, images, OracleJudge(), MiningConfig(), cfg_p, "cpu")
+    with pytest.raises(ValueError, match="holds no ground truth: bind it"):
+        mine_split(model, images, OracleJudge(), MiningConfig(), cfg_p, "cpu", truth=torch.zeros(3, 1, 16, 16))
+
+
+# ----------------------------------------------------------------------------- plausibility, top_identity, headroom
+
+# image 0: proposal 1 (its worst) is implausible; image 1: proposal 2 (its worst) is
+ALLOWED = torch.tensor([[True, False, True, True], [True, True, False, True]])
+
+
+@pytest.mark.parametrize(
+    "strategy,allowed,expected",
+    [
+        # the worst *allowed* proposal is rejected: image 0 ranks 2 > 0 > 3 (> 1), image 1 ranks 1 > 3 > 0 (> 2)
+        ("top_bottom", ALLOWED, [[0, 2, 3], [1, 1, 0]]),
+        ("skip_top", ALLOWED, [[0, 0, 3], [1, 3, 0]]),
+        # the best of image 0 is implausible: the best allowed is chosen
+        ("top_bottom", torch.tensor([[True, True, False, True], [True] * 4]), [[0, 0, 1], [1, 1, 2]]),
+        # gap among the allowed only. Image 0: (2,3) .5, (2,0) .25, (0,3) .25; image 1: (1,0) .625, (1,3) .5, (3,0) .125
+        ("gap", ALLOWED, [[0, 2, 3], [0, 2, 0], [0, 0, 3], [1, 1, 0], [1, 1, 3], [1, 3, 0]]),
+        # an image with no plausible proposal gives no pair
+        ("top_bottom", torch.tensor([[False] * 4, [True] * 4]), [[1, 1, 2]]),
+    ],
+)
+def test_implausible_proposals_are_never_chosen_or_rejected(strategy, allowed, expected):
+    pairs = mine_pairs(SCORES, _distinct_masks(), _cfg(strategy, max_pairs_per_image=10), allowed=allowed)
+    assert pairs.tolist() == expected
+    assert bool(allowed[pairs[:, 0], pairs[:, 1]].all()) and bool(allowed[pairs[:, 0], pairs[:, 2]].all())
+
+
+def test_top_random_with_allowed_skips_implausible_candidates():
+    for seed in range(10):
+        pairs = mine_pairs(SCORES, _distinct_masks(), _cfg("top_random", max_pairs_per_image=3),
+                           torch.Generator().manual_seed(seed), allowed=ALLOWED)
+        assert sorted(pairs.tolist()) == [[0, 2, 0], [0, 2, 3], [1, 1, 0], [1, 1, 3]]
+
+
+def test_top_identity_pairs_the_best_with_the_identity():
+    cfg = _cfg("top_identity", max_pairs_per_image=3)
+    assert mine_pairs(SCORES, _distinct_masks(), cfg, identity=0).tolist() == [[0, 2, 0], [1, 1, 0]]
+    # image 0's best is the identity itself: no pair there
+    assert mine_pairs(SCORES, _distinct_masks(), cfg, identity=2).tolist() == [[1, 1, 2]]
+    # the identity always counts as plausible; an implausible best gives way to the best allowed
+    no_identity = torch.tensor([[False, True, True, True]] * 2)
+    assert mine_pairs(SCORES, _distinct_masks(), cfg, allowed=no_identity, identity=0).tolist() == [[0, 2, 0], [1, 1, 0]]
+    best_out = torch.tensor([[True, True, False, True], [True] * 4])  # image 0: the best allowed is 0, the identity
+    assert mine_pairs(SCORES, _distinct_masks(), cfg, allowed=best_out, identity=0).tolist() == [[1, 1, 0]]
+    assert candidate_pairs(SCORES, "top_identity", identity=3).tolist() == [[[2, 3]], [[1, 3]]]
+    with pytest.raises(ValueError, match="top_identity needs the identity proposal"):
+        mine_pairs(SCORES, _distinct_masks(), cfg)
+
+
+def test_headroom_by_hand():
+    scores = torch.tensor([[0.5, 0.9, 0.1], [0.2, 0.8, 0.3], [0.1, 0.2, 0.3]])
+    true_dice = torch.tensor([[0.6, 0.9, 0.7], [0.5, 0.4, 0.8], [0.3, 0.2, 0.1]])
+    allowed = torch.tensor([[True, False, True], [True, True, True], [False, False, False]])
+    identity_dice = torch.tensor([0.55, 0.45, 0.2])
+    pairs = torch.tensor([[0, 0, 2], [1, 2, 0], [1, 1, 0]])
+    figures = headroom(scores, true_dice, allowed, identity_dice, pairs)
+    # identity: (.55 + .45 + .2) / 3. best allowed: .7 (not the implausible .9), .8, and .3 where none is allowed.
+    # pick (top score among the allowed): proposal 0 (.6), 1 (.4), 2 (.1). chosen: .6, .8, .4
+    # chosen over identity, pair by pair: .6 - .55, .8 - .45, .4 - .45
+    assert figures == pytest.approx({"dice_identity": 0.4, "dice_best": 0.6, "dice_pick": 1.1 / 3, "dice_chosen": 0.6,
+                                     "chosen_over_identity": 0.35 / 3})
+    no_pairs = headroom(scores, true_dice, allowed, identity_dice, torch.zeros(0, 3, dtype=torch.long))
+    assert no_pairs["dice_chosen"] == 0.0 and no_pairs["chosen_over_identity"] == 0.0
+    assert no_pairs["dice_best"] == pytest.approx(0.6)
+    empty = headroom(torch.zeros(0, 3), torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.bool), torch.zeros(0),
+                     torch.zeros(0, 3, dtype=torch.long))
+    assert set(empty) == set(figures) and all(v == 0.0 for v in empty.values())
+
+
+# ----------------------------------------------------------------------------- mine_split: truth, oracle, plausibility
+
+
+class _Recording:
+    """Wraps a judge and keeps what it was given and what it returned, chunk by chunk."""
+
+    def __init__(self, judge):
+        self.judge, self.name, self.calls = judge, judge.name, []
+
+    def score(self, images, proposals):
+        scores = self.judge.score(images, proposals)
+        self.calls.append((proposals.positions.clone(), proposals.masks.clone(), scores.clone()))
+        return scores
+
+
+def _split(n=6, size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, 1, size, size, generator=g)
+    truth = (torch.rand(n, 1, size, size, generator=g) > 0.6).to(torch.uint8)
+    return images, truth
+
+
+SPLIT_PROPOSALS = ProposalConfig(tta=("identity", "hflip"), mc_samples=2, thresholds=(0.3, 0.5), batch_size=4)
+
+
+def _same_pairs(a: MinedPairs, b: MinedPairs) -> bool:
+    return all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("image_index", "chosen", "rejected", "ref_logits",
+                                                                 "score_gap", "chosen_k", "rejected_k"))
+
+
+@pytest.mark.parametrize("judge", [AgreementJudge, UncertaintyJudge])
+def test_a_label_free_judge_is_blind_to_the_truth(judge):
+    """The real truth, a scrambled one (masks moved to other images) or none: the judge scores
+    and mining pairs the same; only the measured figures change."""
+    model = _tiny_unet()
+    images, truth = _split()
+    cfg_m = MiningConfig(strategy="gap", max_pairs_per_image=2, min_disagreement=0.0)
+    runs = {}
+    for name, given in (("real", truth), ("scrambled", truth.roll(1, dims=0)), ("none", None)):
+        recording = _Recording(judge())
+        runs[name] = (*mine_split(model, images, recording, cfg_m, SPLIT_PROPOSALS, "cpu", truth=given, chunk_size=2),
+                      recording.calls)
+    real, scrambled, none = runs["real"], runs["scrambled"], runs["none"]
+    assert len(real[0]) > 0 and len(real[2]) == 3  # three chunks of two images
+    for other in (scrambled, none):
+        assert _same_pairs(real[0], other[0])
+        assert all(torch.equal(a[2], b[2]) for a, b in zip(real[2], other[2], strict=True))
+    assert real[1]["dice_best"] != scrambled[1]["dice_best"]  # the truth did reach the measurements
+    assert "pair_accuracy" not in none[1]
+
+
+def test_a_bound_oracle_ranks_by_true_dice_chunk_by_chunk():
+    """The oracle looks its rows up by the chunk's positions: chunks of 2 score as one chunk of 6."""
+    model = _tiny_unet()
+    images, truth = _split()
+    cfg_m = MiningConfig(strategy="gap", max_pairs_per_image=2, min_disagreement=0.0)
+    chunked = _Recording(OracleJudge().bind(truth))
+    small, stats = mine_split(model, images, chunked, cfg_m, SPLIT_PROPOSALS, "cpu", truth=truth, chunk_size=2)
+    whole, _ = mine_split(model, images, OracleJudge().bind(truth), cfg_m, SPLIT_PROPOSALS, "cpu", truth=truth)
+    assert [c[0].tolist() for c in chunked.calls] == [[0, 1], [2, 3], [4, 5]]
+    for positions, masks, scores in chunked.calls:
+        assert torch.equal(scores, dice_scores(masks, truth[positions]))
+    assert len(small) > 0 and _same_pairs(small, whole)
+    assert stats["pair_accuracy"] == 1.0 and stats["spearman"] == pytest.approx(1.0)
+    assert stats["dice_pick"] == stats["dice_best"] >= stats["dice_chosen"] > 0
+    # bound to other masks, it ranks by those, whatever truth mine_split measures against
+    other = truth.roll(1, dims=0)
+    misled = _Recording(OracleJudge().bind(other))
+    wrong, figures = mine_split(model, images, misled, cfg_m, SPLIT_PROPOSALS, "cpu", truth=truth, chunk_size=2)
+    for positions, masks, scores in misled.calls:
+        assert torch.equal(scores, dice_scores(masks, other[positions]))
+    assert not _same_pairs(wrong, small) and figures["spearman"] < 0.9
+
+
+@pytest.mark.parametrize("strategy", ["top_bottom", "gap"])
+def test_mine_split_never_pairs_an_implausible_proposal(strategy):
+    model = _tiny_unet()
+    images, truth = _split()
+    cfg_p = ProposalConfig(tta=("hflip", "identity"), mc_samples=2, thresholds=(0.3, 0.5, 0.7), batch_size=4)
+    cfg_m = MiningConfig(strategy=strategy, max_pairs_per_image=20, min_disagreement=0.0)
+    free, free_stats = mine_split(model, images, AgreementJudge(), cfg_m, cfg_p, "cpu", chunk_size=2)
+    strict = dataclasses.replace(cfg_p, max_area_ratio=1.2)
+    pairs, stats = mine_split(model, images, AgreementJudge(), cfg_m, strict, "cpu", truth=truth, chunk_size=2)
+    allowed = plausible(generate_proposals(model, images, strict, "cpu"), 1.2)
+    allowed[:, 1] = True  # the identity pass always counts
+    fraction = float((~allowed).double().mean())
+    assert fraction > 0 and stats["implausible_fraction"] == pytest.approx(fraction)
+    assert free_stats["implausible_fraction"] == 0.0
+    assert len(pairs) > 0
+    assert bool(allowed[pairs.image_index, pairs.chosen_k].all()) and bool(allowed[pairs.image_index, pairs.rejected_k].all())
+    touched = ~allowed[free.image_index, free.chosen_k] | ~allowed[free.image_index, free.rejected_k]
+    assert bool(touched.any())  # without the filter, some pair does use an implausible proposal
+
+
+def test_mine_split_top_identity_rejects_the_identity_pass():
+    model = _tiny_unet()
+    images, truth = _split()
+    cfg_p = ProposalConfig(tta=("hflip", "identity"), mc_samples=2, thresholds=(0.3, 0.5), batch_size=4)
+    pairs, stats = mine_split(model, images, OracleJudge(truth=truth), _cfg("top_identity"), cfg_p, "cpu", truth=truth)
+    assert len(pairs) > 0 and set(pairs.rejected_k.tolist()) == {1}
+    assert stats["pair_accuracy"] == 1.0 and stats["dice_chosen"] > stats["dice_identity"]

@@ -1,4 +1,5 @@
-"""Tests for shared/proposals.py: K, labels, TTA inversion, MC dropout, thresholds, reference, chunks."""
+"""Tests for shared/proposals.py: K, labels, TTA inversion, MC dropout, thresholds (of the mean or of
+the identity pass), morphological variants, pass maps and sources, plausibility, reference, chunks."""
 
 from __future__ import annotations
 
@@ -7,7 +8,16 @@ import torch
 from monai.networks.nets import UNet
 
 from shared.config import TTA_TRANSFORMS, ProposalConfig
-from shared.proposals import ProposalSet, apply_tta, generate_proposals, iter_proposals, plain_inference
+from shared.proposals import (
+    ProposalSet,
+    apply_tta,
+    generate_proposals,
+    iter_proposals,
+    plain_inference,
+    plausible,
+    proposal_labels,
+    proposal_sources,
+)
 
 ALL_TTA = TTA_TRANSFORMS  # identity, hflip, vflip, hvflip, rot90, rot270
 
@@ -150,6 +160,11 @@ def test_iter_proposals_chunks_concatenate_to_one_call(chunk_size):
     assert torch.equal(joined.masks, whole.masks)
     assert torch.equal(joined.mean_prob, whole.mean_prob)
     assert torch.equal(joined.ref_logits, whole.ref_logits)
+    assert torch.equal(joined.pass_probs, whole.pass_probs) and joined.sources == whole.sources
+    # each chunk knows where its images sit in the split
+    for start, part in chunks:
+        assert part.positions.tolist() == list(range(start, start + len(part)))
+    assert joined.positions.tolist() == whole.positions.tolist() == [0, 1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("train", [True, False])
@@ -170,6 +185,9 @@ def test_index_returns_fresh_tensors():
         for name in ("masks", "mean_prob", "ref_logits"):
             assert getattr(sub, name).untyped_storage().data_ptr() != getattr(ps, name).untyped_storage().data_ptr()
     assert ps.index(2).masks.shape == (1, 3, 16, 16)
+    sub = ps.index([3, 1])
+    assert sub.positions.tolist() == [3, 1] and sub.sources == ps.sources
+    assert torch.equal(sub.pass_probs, ps.pass_probs[[3, 1]])
 
 
 def test_bad_inputs_raise_with_shapes_and_options():
@@ -180,6 +198,10 @@ def test_bad_inputs_raise_with_shapes_and_options():
         generate_proposals(model, _images(), ProposalConfig(tta=("rot45",)), "cpu")
     with pytest.raises(ValueError, match="at least one pass"):
         generate_proposals(model, _images(), ProposalConfig(tta=(), mc_samples=0), "cpu")
+    with pytest.raises(ValueError, match="list identity in proposals.tta"):
+        generate_proposals(model, _images(), ProposalConfig(tta=("hflip",), morph=(1,)), "cpu")
+    with pytest.raises(ValueError, match="list identity in proposals.tta"):
+        generate_proposals(model, _images(), ProposalConfig(tta=("hflip",), threshold_of="identity"), "cpu")
     two_out = UNet(spatial_dims=2, in_channels=1, out_channels=2, channels=(8, 16), strides=(2,), num_res_units=0)
     with pytest.raises(ValueError, match=r"\(B, 1, H, W\) logits.*\(1, 2, 16, 16\)"):
         generate_proposals(two_out, _images(n=1), ProposalConfig(tta=("identity",), mc_samples=0), "cpu")
@@ -189,3 +211,118 @@ def test_empty_split():
     ps = generate_proposals(_unet(), torch.zeros(0, 1, 16, 16), ProposalConfig(), "cpu")
     assert ps.masks.shape == (0, 11, 16, 16)
     assert list(iter_proposals(_unet(), torch.zeros(0, 1, 16, 16), ProposalConfig(), "cpu")) == []
+
+
+# ----------------------------------------------------------------------------- pass maps, sources, morph, plausibility
+
+
+def test_pass_maps_sources_and_positions_are_filled():
+    cfg = ProposalConfig(tta=("hflip", "identity"), mc_samples=2, thresholds=(0.3, 0.5), morph=(1,))
+    ps = generate_proposals(_unet(), _images(n=3), cfg, "cpu")
+    assert ps.n_passes == 4 and ps.pass_probs.shape == (3, 4, 16, 16) and ps.pass_probs.dtype == torch.float16
+    assert ps.positions.tolist() == [0, 1, 2] and ps.positions.dtype == torch.int64
+    assert ps.sources == proposal_sources(cfg) == (0, 1, 2, 3, -1, -1, 1)
+    # the maps are the passes' probabilities: their mean is mean_prob, the identity map the reference's
+    torch.testing.assert_close(ps.pass_probs.float().mean(1), ps.mean_prob, atol=2e-3, rtol=0)
+    torch.testing.assert_close(ps.pass_probs[:, 1].float(), torch.sigmoid(ps.ref_logits[:, 0]), atol=1e-3, rtol=0)
+    confident = (ps.pass_probs.float() - 0.5).abs() > 1e-2
+    assert torch.equal(ps.masks[:, :4].bool()[confident], (ps.pass_probs.float() > 0.5)[confident])
+
+
+def test_proposal_sources_and_labels_by_hand():
+    cfg = ProposalConfig(tta=("hflip", "identity"), mc_samples=2, thresholds=(0.3, 0.5), morph=(1, -1))
+    assert proposal_labels(cfg) == ("tta:hflip", "tta:identity", "mc:0", "mc:1", "thr:0.30", "thr:0.50",
+                                    "morph:+1", "morph:-1")
+    assert proposal_sources(cfg) == (0, 1, 2, 3, -1, -1, 1, 1)
+    assert proposal_sources(ProposalConfig(tta=("hflip", "identity"), mc_samples=1, thresholds=(0.5,),
+                                           threshold_of="identity")) == (0, 1, 2, 1)
+
+
+def test_threshold_of_identity_cuts_the_identity_pass():
+    cfg = ProposalConfig(tta=("hflip", "identity"), mc_samples=2, thresholds=(0.3, 0.5, 0.7), threshold_of="identity")
+    ps = generate_proposals(_unet(), _images(n=3), cfg, "cpu")
+    identity_prob = torch.sigmoid(ps.ref_logits[:, 0])
+    for k, t in zip((4, 5, 6), (0.3, 0.5, 0.7)):
+        assert torch.equal(ps.masks[:, k], (identity_prob > t).to(torch.uint8)), t
+    assert not torch.equal(ps.masks[:, 4], (ps.mean_prob > 0.3).to(torch.uint8))  # not the mean's
+    assert torch.equal(ps.masks[:, 5], ps.masks[:, 1])  # the identity pass's own mask
+    assert ps.sources[4:] == (1, 1, 1)
+
+
+def test_morph_variants_of_a_known_square():
+    """Pointwise model: the identity mask is the 4 x 4 square of the image (rows and columns 3..6)."""
+    x = torch.zeros(1, 1, 10, 10)
+    x[..., 3:7, 3:7] = 1
+    cfg = ProposalConfig(tta=("identity",), mc_samples=0, thresholds=(), morph=(1, 2, -1, -2, 0))
+    ps = generate_proposals(Pointwise(), x, cfg, "cpu")
+    assert ps.labels == ("tta:identity", "morph:+1", "morph:+2", "morph:-1", "morph:-2", "morph:+0")
+    expected = torch.zeros(5, 10, 10, dtype=torch.uint8)
+    expected[0, 2:8, 2:8] = 1  # dilated by 1: 6 x 6
+    expected[1, 1:9, 1:9] = 1  # by 2: 8 x 8
+    expected[2, 4:6, 4:6] = 1  # eroded by 1: 2 x 2
+    # eroded by 2: nothing left
+    expected[4] = x[0, 0].to(torch.uint8)  # radius 0: the mask itself
+    assert torch.equal(ps.masks[0, 1:], expected)
+    assert ps.sources == (0, 0, 0, 0, 0, 0)
+
+
+def test_morph_variants_are_max_pool_dilations_and_erosions():
+    cfg = ProposalConfig(tta=("identity", "hflip"), mc_samples=1, thresholds=(0.5,), morph=(1, -1))
+    ps = generate_proposals(_unet(), _images(n=3), cfg, "cpu")
+    identity, dilated, eroded = ps.masks[:, 0], ps.masks[:, 4], ps.masks[:, 5]
+    assert ps.labels[4:] == ("morph:+1", "morph:-1")
+    assert bool((eroded <= identity).all()) and bool((identity <= dilated).all())
+    assert not torch.equal(eroded, identity) and not torch.equal(identity, dilated)
+    m = identity.unsqueeze(1).float()
+    grown = torch.nn.functional.max_pool2d(m, 3, stride=1, padding=1)[:, 0] > 0.5
+    shrunk = -torch.nn.functional.max_pool2d(-m, 3, stride=1, padding=1)[:, 0] > 0.5
+    assert torch.equal(dilated.bool(), grown) and torch.equal(eroded.bool(), shrunk)
+
+
+def _plausibility_set(masks: torch.Tensor, mean_prob: torch.Tensor) -> ProposalSet:
+    n, k, h, w = masks.shape
+    return ProposalSet(masks=masks.to(torch.uint8), mean_prob=mean_prob, ref_logits=torch.zeros(n, 1, h, w),
+                       labels=tuple(f"p:{i}" for i in range(k)))
+
+
+def test_plausible_flags_frame_covering_and_empty_masks():
+    # consensus (mean_prob > 0.5): a 4 x 4 square, 16 of 100 pixels
+    mean_prob = torch.full((1, 10, 10), 0.1)
+    mean_prob[:, 3:7, 3:7] = 0.9
+    masks = torch.zeros(1, 5, 10, 10)
+    masks[0, 0] = 1  # the whole frame: 100 pixels
+    # masks[0, 1]: empty
+    masks[0, 2, 3:7, 3:8] = 1  # near-consensus: 20 pixels
+    masks[0, 3, 3:7, 3:7] = 1  # the consensus
+    masks[0, 4, 0, :8] = 1  # 8 pixels: 16 / 2, the lower bound itself
+    ps = _plausibility_set(masks, mean_prob)
+    # ratio 2: areas from 8 to 32 pass
+    assert plausible(ps, 2.0).tolist() == [[False, False, True, True, True]]
+    assert plausible(ps, 1.2).tolist() == [[False, False, False, True, False]]  # 20 > 19.2, 8 < 13.3
+    assert plausible(ps, None).tolist() == [[True] * 5]
+    assert plausible(ps, None).dtype == torch.bool
+
+
+def test_plausible_with_an_empty_consensus_uses_one_percent_of_the_image():
+    # nothing above 0.5: the upper bound is ratio * 1 % of the 100 pixels = 2 pixels at ratio 2
+    masks = torch.zeros(1, 3, 10, 10)
+    masks[0, 1, 0, :2] = 1
+    masks[0, 2, 0, :3] = 1
+    ps = _plausibility_set(masks, torch.full((1, 10, 10), 0.2))
+    assert plausible(ps, 2.0).tolist() == [[True, True, False]]
+
+
+def test_proposal_set_checks_the_new_fields():
+    base = dict(masks=torch.zeros(2, 3, 4, 4, dtype=torch.uint8), mean_prob=torch.zeros(2, 4, 4),
+                ref_logits=torch.zeros(2, 1, 4, 4), labels=("a", "b", "c"))
+    assert ProposalSet(**base).positions.tolist() == [0, 1] and ProposalSet(**base).n_passes == 0
+    with pytest.raises(ValueError, match=r"positions has shape \(3,\), expected \(2,\)"):
+        ProposalSet(**base, positions=torch.arange(3))
+    with pytest.raises(ValueError, match="2 sources for K = 3"):
+        ProposalSet(**base, sources=(0, 1))
+    with pytest.raises(ValueError, match=r"pass_probs has shape \(2, 4, 4, 4\)"):
+        ProposalSet(**base, pass_probs=torch.zeros(2, 4, 4, 4, dtype=torch.float16))
+    ok = ProposalSet(**base, pass_probs=torch.zeros(2, 2, 4, 4, dtype=torch.float16), sources=(0, 1, -1))
+    assert ok.n_passes == 2 and ok.sources == (0, 1, -1)
+    # concat of a set with pass maps and one without keeps none
+    assert ProposalSet.concat([ok, ProposalSet(**base)]).pass_probs is None

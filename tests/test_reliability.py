@@ -64,8 +64,9 @@ def _graded(n=60, k=6, size=16, seed=0):
 
 
 def _report(judge, strategy="top_bottom"):
+    """``judge`` is an oracle template: bound to the truth here, as a round binds it to its split."""
     ps, truth = _graded()
-    scores = judge.score(torch.zeros(len(ps), 1, 16, 16), ps, truth)
+    scores = judge.bind(truth).score(torch.zeros(len(ps), 1, 16, 16), ps)
     pairs = mine_pairs(scores, ps.masks, MiningConfig(strategy=strategy, max_pairs_per_image=3))
     return reliability_report(scores, dice_scores(ps.masks, truth), pairs)
 
