@@ -140,7 +140,7 @@ class ProposalSet:
             raise ValueError("ProposalSet.concat needs at least one ProposalSet")
         first = parts[0]
         for i, p in enumerate(parts):
-            if p.labels != first.labels or p.masks.shape[2:] != first.masks.shape[2:]:
+            if p.labels != first.labels or p.masks.shape[2:] != first.masks.shape[2:] or p.sources != first.sources:
                 raise ValueError(
                     f"part {i} has labels {p.labels} and masks {tuple(p.masks.shape)}, "
                     f"part 0 has {first.labels} and {tuple(first.masks.shape)}"

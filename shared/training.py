@@ -86,13 +86,10 @@ def calibration_reliability(
     Returns the figures of CALIBRATION_FIGURES (``images`` renamed ``n_images``): the judge's
     reliability and the round's headroom (identity, best-of-K and judge-pick Dice)."""
     _require_masks(calibration, "calibration")
-    if len(calibration.names) == 0:
-        return {"pair_accuracy": 0.5, "spearman": 0.0, "pair_gain": 0.0, "n_pairs": 0, "n_images": 0,
-                "n_ranked_images": 0}, None
     pairs, stats = mine_split(model, calibration.images, bind_to(judge, calibration.masks), mining, proposals_cfg,
                               device, truth=calibration.masks, seed=seed)
     figures = {("n_images" if key == "images" else key): stats[key] for key in CALIBRATION_FIGURES}
-    return figures, pairs
+    return figures, pairs if len(pairs) else None
 
 
 def preference_round(

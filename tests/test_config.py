@@ -173,6 +173,33 @@ MALFORMED = {
         "c.yaml", CONSORTIUM + "supervised: {rounds: 0}\n",
         "c.yaml: supervised.rounds: is 0 and no base_checkpoint is given",
     ),
+    "oracle at a deployed site": (
+        "a.yaml",
+        SITE + "judge: {kind: oracle}\n"
+        "deployment: {superlink: 'fl.example.org:8000', ca_cert: keys/ca.crt, private_key: keys/a_auth}\n",
+        "a.yaml: judge.kind: 'oracle' reads the ground truth of the frames it judges: it is for simulation only",
+    ),
+    "morph without the identity pass": (
+        "c.yaml", CONSORTIUM + "preference: {proposals: {tta: [hflip, vflip], morph: [1, -1]}}\n",
+        "c.yaml: preference.proposals.tta: must list identity",
+    ),
+    "threshold_of identity without the identity pass": (
+        "c.yaml", CONSORTIUM + "preference: {proposals: {tta: [hflip], threshold_of: identity}}\n",
+        "c.yaml: preference.proposals.tta: must list identity",
+    ),
+    "top_identity without the identity pass": (
+        "c.yaml", CONSORTIUM + "preference: {mining: {strategy: top_identity}, proposals: {tta: [hflip, vflip]}}\n",
+        "c.yaml: preference.proposals.tta: must list identity",
+    ),
+    "threshold_of not in choices": (
+        "c.yaml", CONSORTIUM + "preference: {proposals: {threshold_of: median}}\n",
+        "c.yaml: preference.proposals.threshold_of: 'median' is not one of mean, identity",
+    ),
+    "max_unlabeled 0": ("c.yaml", CONSORTIUM + "preference: {max_unlabeled: 0}\n", "c.yaml: preference.max_unlabeled: 0 must be > 0"),
+    "max_area_ratio 1": (
+        "c.yaml", CONSORTIUM + "preference: {proposals: {max_area_ratio: 1.0}}\n",
+        "c.yaml: preference.proposals.max_area_ratio: 1.0 must be > 1",
+    ),
     "sites not a list": ("c.yaml", CONSORTIUM.replace("[a.yaml]", "a.yaml"), "c.yaml: sites: expected a list, got str 'a.yaml'"),
     "no sites at all": (
         "c.yaml", CONSORTIUM.replace("[a.yaml]", "[]"),
@@ -226,6 +253,40 @@ def test_site_channels_must_match_the_model(tmp_path):
     )
 
 
+def test_oracle_is_refused_only_at_a_deployed_site(tmp_path):
+    """Simulation keeps the oracle; a site with a deployment: section may run any label-free judge."""
+    deployment = "deployment: {superlink: 'fl.example.org:8000', ca_cert: keys/ca.crt, private_key: keys/a_auth}\n"
+    assert load_site(_write(tmp_path, "sim.yaml", SITE + "judge: {kind: oracle, noise_std: 0.1}\n")).judge.kind == "oracle"
+    for kind in ("agreement", "uncertainty", "learned"):
+        site = load_site(_write(tmp_path, f"{kind}.yaml", SITE + f"judge: {{kind: {kind}}}\n" + deployment))
+        assert site.judge.kind == kind and site.deployment is not None
+    path = _write(tmp_path, "deployed.yaml", SITE + "judge: {kind: oracle}\n" + deployment)
+    with pytest.raises(ConfigError) as info:
+        load_site(path)
+    assert str(info.value).startswith(f"{path}: judge.kind: 'oracle'") and "deployment: section" in str(info.value)
+
+
+def test_identity_derived_proposals_need_the_identity_pass(tmp_path):
+    for extra in ("proposals: {morph: [1, -1], max_area_ratio: 3}", "proposals: {threshold_of: identity}",
+                  "mining: {strategy: top_identity}"):
+        cfg = load_consortium(_write(tmp_path, "c.yaml", CONSORTIUM + f"preference: {{{extra}}}\n"))  # default tta lists identity
+        assert "identity" in cfg.preference.proposals.tta
+    cfg = load_consortium(_write(tmp_path, "c.yaml", CONSORTIUM + (
+        "preference:\n"
+        "  max_unlabeled: 64\n"
+        "  supervise_unlabeled: true\n"
+        "  mining: {strategy: top_identity}\n"
+        "  proposals: {tta: [hflip, identity], threshold_of: identity, morph: [2, -1], max_area_ratio: 2.5}\n"
+    )))
+    pref = cfg.preference
+    assert (pref.max_unlabeled, pref.supervise_unlabeled, pref.mining.strategy) == (64, True, "top_identity")
+    assert (pref.proposals.threshold_of, pref.proposals.morph, pref.proposals.max_area_ratio) == ("identity", (2, -1), 2.5)
+    # thresholds of the identity pass need it only when there are thresholds
+    cfg = load_consortium(_write(tmp_path, "c.yaml", CONSORTIUM + (
+        "preference: {proposals: {tta: [hflip], threshold_of: identity, thresholds: []}}\n")))
+    assert cfg.preference.proposals.thresholds == ()
+
+
 def test_deployment_only_consortium_lists_no_site_files(tmp_path):
     cfg = load_consortium(_write(tmp_path, "c.yaml", "name: c\nrun_dir: runs\nserver: {sites: [a, b]}\n"))
     assert cfg.sites == () and cfg.server.sites == ("a", "b")
@@ -246,6 +307,9 @@ def test_defaults_are_filled(tmp_path):
     assert cfg.model == ModelConfig() and cfg.preference == PreferenceConfig() and cfg.aggregation == AggregationConfig()
     assert cfg.seed == 0 and cfg.base_checkpoint is None
     assert cfg.preference.lr == 1e-4 and cfg.model.strides == (2, 2, 2) and cfg.model.in_channels == 1
+    proposals = cfg.preference.proposals
+    assert (proposals.threshold_of, proposals.morph, proposals.max_area_ratio) == ("mean", (), None)
+    assert cfg.preference.max_unlabeled is None and cfg.preference.supervise_unlabeled is False
 
 
 def test_exponent_numbers_load_as_floats(tmp_path):

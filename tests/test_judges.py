@@ -120,7 +120,10 @@ def test_oracle_looks_up_rows_by_position():
     assert torch.equal(oracle.score(images[[3, 1]], chunk), expected)
     assert not torch.equal(expected, dice_scores(chunk.masks, truth[:2]))  # the lookup matters
     chunk.positions = torch.tensor([5, 1])  # past the end of the split it holds
-    with pytest.raises(ValueError, match=r"images 1\.\.5.*not of the split this oracle holds \(+5, 1, 16, 16\)"):
+    with pytest.raises(ValueError, match=r"images 1\.\.5.*not of the split this oracle holds \(masks \(5, 1, 16, 16\)\)"):
+        oracle.score(images[[3, 1]], chunk)
+    chunk.positions = torch.tensor([-1, 1])  # before its start: the same clear error, not an IndexError
+    with pytest.raises(ValueError, match=r"images -1\.\.1.*not of the split this oracle holds"):
         oracle.score(images[[3, 1]], chunk)
 
 

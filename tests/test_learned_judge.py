@@ -169,8 +169,10 @@ def test_score_shape_range_no_grad_and_checks(trained):
     judge, _ = trained
     images, truth = discs(3, 32, seed=3)
     masks = perturb_masks(truth, 5, torch.Generator().manual_seed(0))
-    scores = judge.score(images, proposals(masks), truth=truth)
+    scores = judge.score(images, proposals(masks))
     assert scores.shape == (3, 5) and scores.dtype == torch.float32
+    with pytest.raises(TypeError, match="truth"):  # a judge never receives ground truth
+        judge.score(images, proposals(masks), truth=truth)
     assert ((scores >= 0) & (scores <= 1)).all()
     assert not scores.requires_grad
     # one batch or many: the same scores
@@ -179,6 +181,19 @@ def test_score_shape_range_no_grad_and_checks(trained):
         judge.score(torch.zeros(3, 1, 64, 64), proposals(torch.zeros(3, 5, 64, 64, dtype=torch.uint8)))
     with pytest.raises(ValueError, match=r"proposals.masks.*\(2, 5, 32, 32\)"):
         judge.score(images, proposals(masks[:2]))
+
+
+def test_a_full_proposal_set_scores_as_its_masks(trained):
+    """Pass maps, sources and positions ride along in a real ProposalSet; the judge reads the masks only."""
+    from shared.proposals import ProposalSet
+
+    judge, _ = trained
+    images, truth = discs(3, 32, seed=6)
+    masks = perturb_masks(truth, 4, torch.Generator().manual_seed(1))
+    full = ProposalSet(masks=masks, mean_prob=masks.float().mean(1), ref_logits=torch.zeros(3, 1, 32, 32),
+                       labels=("a", "b", "c", "d"), positions=torch.tensor([7, 2, 5]),
+                       pass_probs=masks[:, :2].half(), sources=(0, 1, 0, -1))
+    assert torch.equal(judge.score(images, full), judge.score(images, proposals(masks)))
 
 
 def test_fit_with_out_of_fold_proposals_is_reproducible():

@@ -19,10 +19,17 @@ import torch
 from shared.config import MiningConfig, PreferenceConfig, ProposalConfig, SupervisedConfig, load_site
 from shared.data import SplitData, load_site_data
 from shared.evaluation import evaluate
-from shared.judges import OracleJudge
+from shared.judges import AgreementJudge, OracleJudge
 from shared.losses import supervised_loss
+from shared.mining import mine_split
 from shared.model import build_model, seed_everything
-from shared.training import preference_round, supervised_round
+from shared.training import (
+    CALIBRATION_FIGURES,
+    calibration_reliability,
+    preference_round,
+    sample_unlabeled,
+    supervised_round,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -243,6 +250,116 @@ def test_a_fixed_reference_replaces_the_received_models_logits(tiny):
                                CPU, seed=0, reference=_tiny_model(seed=5))
     assert r_other.metrics["pairs_used"] == r_plain.metrics["pairs_used"]  # same proposals, same pairs
     assert abs(r_other.metrics["margin"]) > 1e-3
+
+
+# ----------------------------------------------------------------------------- calibration, sampling, all_labelled
+
+
+class _Recording:
+    """Wraps a judge and keeps the images of every call (the judge never gets masks)."""
+
+    def __init__(self, judge):
+        self.judge, self.name, self.images = judge, judge.name, []
+
+    def score(self, images, proposals):
+        self.images.append(images.clone())
+        return self.judge.score(images, proposals)
+
+
+def _frames(split: SplitData, images: torch.Tensor) -> list[str]:
+    """The names of the split's frames that these images are (exact copies)."""
+    return [split.names[int((split.images == image).flatten(1).all(1).nonzero()[0])] for image in images]
+
+
+def test_calibration_reliability_runs_through_mine_split(tiny):
+    splits, base = tiny
+    calibration = splits["calibration"]
+    template = OracleJudge()
+    figures, pairs = calibration_reliability(base, calibration, template, MiningConfig(), TINY_PROPOSALS, CPU, seed=0)
+    expected_keys = {"n_images" if k == "images" else k for k in CALIBRATION_FIGURES}
+    assert set(figures) == expected_keys and "chosen_over_identity" in figures and "dice_best" in figures
+    assert template.truth is None and template.binds == 1  # bound to the calibration masks, not handed them
+    _, stats = mine_split(base, calibration.images, OracleJudge().bind(calibration.masks), MiningConfig(),
+                          TINY_PROPOSALS, CPU, truth=calibration.masks, seed=0)
+    assert figures == {("n_images" if k == "images" else k): stats[k] for k in CALIBRATION_FIGURES}
+    assert figures["n_images"] == 8 and figures["pair_accuracy"] == 1.0 and len(pairs) == figures["n_pairs"] > 0
+    assert figures["dice_pick"] == figures["dice_best"] >= figures["dice_identity"]
+    # a label-free judge is measured the same way
+    agreement, _ = calibration_reliability(base, calibration, AgreementJudge(), MiningConfig(), TINY_PROPOSALS, CPU)
+    assert set(agreement) == expected_keys and agreement["dice_identity"] == figures["dice_identity"]
+    empty = SplitData(names=[], images=calibration.images[:0], masks=calibration.masks[:0])
+    figures, pairs = calibration_reliability(base, empty, template, MiningConfig(), TINY_PROPOSALS, CPU)
+    assert pairs is None and figures["n_images"] == 0 and figures["n_pairs"] == 0
+    assert set(figures) == expected_keys and figures["pair_accuracy"] == 0.5  # every key, even with no image
+
+
+def test_round_metrics_carry_the_calibration_figures(tiny):
+    splits, base = tiny
+    result = _round(splits, copy.deepcopy(base), method="none", lambda_sup=0.0)
+    for key in CALIBRATION_FIGURES:
+        assert f"rel_{'n_images' if key == 'images' else key}" in result.metrics, key
+    assert result.metrics["rel_n_images"] == 8.0
+
+
+def test_sample_unlabeled_is_a_fresh_seeded_sample():
+    split = _disks(10, seed=7)
+    first = sample_unlabeled(split, 4, seed=0)
+    assert len(first.names) == 4 and first.names == sample_unlabeled(split, 4, seed=0).names
+    assert first.names != sample_unlabeled(split, 4, seed=1).names
+    # a subset of the split, in split order, with each frame's own image and mask
+    index = [split.names.index(name) for name in first.names]
+    assert index == sorted(index)
+    assert torch.equal(first.images, split.images[index]) and torch.equal(first.masks, split.masks[index])
+    drawn = {name for seed in range(20) for name in sample_unlabeled(split, 4, seed).names}
+    assert drawn == set(split.names)  # over rounds, the whole pool is used
+    assert sample_unlabeled(split, None, 0) is split
+    assert sample_unlabeled(split, 10, 0) is split and sample_unlabeled(split, 11, 3) is split
+
+
+def test_max_unlabeled_mines_a_different_sample_each_round(tiny):
+    splits, base = tiny
+    unlabeled = splits["unlabeled"]
+    mined = {}
+    for seed in (0, 1):
+        judge = _Recording(AgreementJudge())
+        cfg = dataclasses.replace(PreferenceConfig(), proposals=TINY_PROPOSALS, max_unlabeled=5,
+                                  mining=MiningConfig(min_gap=1e9))  # no pairs: mining only, no steps
+        result = preference_round(copy.deepcopy(base), unlabeled, splits["calibration"], splits["labeled"], judge,
+                                  cfg, CPU, seed=seed)
+        assert result.metrics["mining_images"] == 5.0 and result.num_examples == 0
+        calibration_calls = 1  # 8 calibration images fit one chunk; then the sample
+        pool = torch.cat(judge.images[calibration_calls:])
+        mined[seed] = _frames(unlabeled, pool)
+        assert mined[seed] == sample_unlabeled(unlabeled, 5, seed).names
+    assert mined[0] != mined[1]
+
+
+def test_supervise_unlabeled_anchors_on_the_unlabelled_masks_too(tiny):
+    """The all_labelled control: the same anchor-only steps, drawn from labelled + unlabelled frames."""
+    splits, base = tiny
+    plain, upper = copy.deepcopy(base), copy.deepcopy(base)
+    anchors: list[torch.Tensor] = []
+    upper.register_forward_hook(lambda module, args, out: anchors.append(args[0].detach().clone()))
+    r_plain = _round(splits, plain, method="none", lambda_sup=1.0, steps=3)
+    r_upper = _round(splits, upper, method="none", lambda_sup=1.0, steps=3, supervise_unlabeled=True)
+    assert r_plain.num_examples == 16 and r_upper.num_examples == 16 + 12
+    assert r_upper.metrics["pairs_used"] == 0 and _all_finite(r_upper.metrics)
+    assert not _same_weights(_state(plain), _state(upper))
+    # the step forwards (the last three) hold unlabelled frames, possibly flipped
+    unlabeled = splits["unlabeled"].images
+    views = torch.cat([unlabeled, unlabeled.flip(-1), unlabeled.flip(-2), unlabeled.flip(-2, -1)])
+    drawn = sum(bool((views == image).flatten(1).all(1).any()) for batch in anchors[-3:] for image in batch)
+    assert drawn > 0
+
+
+def test_supervise_unlabeled_is_refused_outside_the_control_arm_and_without_masks(tiny):
+    splits, base = tiny
+    with pytest.raises(ValueError, match="supervise_unlabeled .*needs method none"):
+        _round(splits, copy.deepcopy(base), method="rn_dpo", steps=1, supervise_unlabeled=True)
+    no_masks = dict(splits, unlabeled=dataclasses.replace(splits["unlabeled"], masks=None))
+    with pytest.raises(ValueError, match="the unlabeled split has no masks"):
+        _round(no_masks, copy.deepcopy(base), judge=AgreementJudge(), method="none", steps=1,
+               supervise_unlabeled=True)
 
 
 # ----------------------------------------------------------------------------- the demo site

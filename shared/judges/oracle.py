@@ -68,10 +68,11 @@ class OracleJudge:
                              "(OracleJudge.bind, or OracleJudge(truth=...))")
         check_inputs(images, proposals)
         index = proposals.positions
-        if (index.numel() and int(index.max()) >= len(self.truth)) or tuple(self.truth.shape[2:]) != tuple(proposals.masks.shape[2:]):
+        out_of_range = index.numel() and (int(index.min()) < 0 or int(index.max()) >= len(self.truth))
+        if out_of_range or tuple(self.truth.shape[2:]) != tuple(proposals.masks.shape[2:]):
             raise ValueError(f"the proposals (images {index.min().item()}..{index.max().item()}, size "
                              f"{tuple(proposals.masks.shape[2:])}) are not of the split this oracle holds "
-                             f"({tuple(self.truth.shape)})")
+                             f"(masks {tuple(self.truth.shape)})")
         scores = dice_scores(proposals.masks, self.truth.index_select(0, index))
         n, k = scores.shape
         if seed is None:
