@@ -263,7 +263,7 @@ def consortium_dict(task: Task, seed: int, arm: Arm | None) -> dict:
 # the cached runs remain valid (`damped` has since become the default: the full preset sets it
 # back to false for its reference arm).
 OPTIONS_ADDED_LATER = {("preference", "reference"): "round", ("aggregation", "krum_byzantine"): 1,
-                       ("aggregation", "damped"): False}
+                       ("aggregation", "damped"): False, ("preference", "min_pick_gain"): None}
 
 
 def _digest(value) -> str:

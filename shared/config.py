@@ -216,6 +216,9 @@ class PreferenceConfig:
     # experiments only, the upper-bound arm `all_labelled`: with method `none`, the anchor steps
     # also draw from the unlabelled split's true masks (refused where that split has none)
     supervise_unlabeled: bool = False
+    # gate: take preference steps only when, on calibration, the judge's pick beats the model's
+    # own mask by at least this mean Dice; otherwise anchor-only steps (None: never gated)
+    min_pick_gain: float | None = None
     mining: MiningConfig = field(default_factory=MiningConfig)
     proposals: ProposalConfig = field(default_factory=ProposalConfig)
 

@@ -140,11 +140,14 @@ class ProposalSet:
             raise ValueError("ProposalSet.concat needs at least one ProposalSet")
         first = parts[0]
         for i, p in enumerate(parts):
-            if p.labels != first.labels or p.masks.shape[2:] != first.masks.shape[2:] or p.sources != first.sources:
+            if p.labels != first.labels or p.masks.shape[2:] != first.masks.shape[2:]:
                 raise ValueError(
                     f"part {i} has labels {p.labels} and masks {tuple(p.masks.shape)}, "
                     f"part 0 has {first.labels} and {tuple(first.masks.shape)}"
                 )
+        sources = {p.sources for p in parts}
+        if len(sources - {None}) > 1:
+            raise ValueError(f"the parts disagree on the proposals' sources: {sorted(sources - {None})}")
         probs = [p.pass_probs for p in parts]
         return cls(
             masks=torch.cat([p.masks for p in parts]),
@@ -153,7 +156,7 @@ class ProposalSet:
             labels=first.labels,
             positions=torch.cat([p.positions for p in parts]),
             pass_probs=None if any(x is None for x in probs) else torch.cat(probs),
-            sources=first.sources,
+            sources=None if None in sources else first.sources,
         )
 
 

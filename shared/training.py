@@ -111,12 +111,25 @@ def preference_round(
     Steps run with dropout off (eval mode) so that policy and reference agree at step 0.
     A `reference` model given (`preference.reference: base`) replaces those cached logits with
     its own: proposals still come from the received model, the reference stays fixed.
+
+    `cfg.min_pick_gain` gates the preference term on the round's own evidence: when, on the
+    calibration split, the judge's pick does not beat the model's own mask by that much mean
+    Dice, following the judge cannot be expected to help, and the round takes the control's
+    anchor-only steps instead (metric `gated` 1).
     """
+    if cfg.supervise_unlabeled and cfg.method != "none":
+        raise ValueError("preference.supervise_unlabeled is the all_labelled control: it needs method none")
     model.to(device)
     reliability, calib_pairs = calibration_reliability(
         model, calibration, judge, cfg.mining, cfg.proposals, device, seed
     )
     metrics = {f"rel_{k}": float(v) for k, v in reliability.items()}
+    gated = (cfg.method != "none" and cfg.min_pick_gain is not None
+             and reliability["dice_pick"] - reliability["dice_identity"] < cfg.min_pick_gain)
+    if cfg.min_pick_gain is not None:
+        metrics["gated"] = float(gated)
+    if gated:
+        cfg = dataclasses.replace(cfg, method="none")
     if cfg.method == "none":
         # The control arm: no preference loss. With lambda_sup > 0 it takes the same number of
         # anchor-only (supervised) steps, so a method's gain can be told from more supervision.
@@ -130,8 +143,6 @@ def preference_round(
             return RoundResult(num_examples=0, metrics=metrics, pairs=calib_pairs)
         metrics.update(_preference_steps(model, unlabeled, labeled, None, cfg, device, seed, progress))
         return RoundResult(num_examples=len(labeled.names), metrics=metrics, pairs=calib_pairs)
-    if cfg.supervise_unlabeled:
-        raise ValueError("preference.supervise_unlabeled is the all_labelled control: it needs method none")
 
     pool = sample_unlabeled(unlabeled, cfg.max_unlabeled, seed)
     # the unlabelled masks (simulation only) reach the oracle and the measurements, never another judge

@@ -326,3 +326,6 @@ def test_proposal_set_checks_the_new_fields():
     assert ok.n_passes == 2 and ok.sources == (0, 1, -1)
     # concat of a set with pass maps and one without keeps none
     assert ProposalSet.concat([ok, ProposalSet(**base)]).pass_probs is None
+    assert ProposalSet.concat([ok, ProposalSet(**base)]).sources is None
+    with pytest.raises(ValueError, match="disagree on the proposals' sources"):
+        ProposalSet.concat([ok, ProposalSet(**base, sources=(0, 0, -1))])

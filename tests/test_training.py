@@ -432,3 +432,25 @@ def test_learned_judge_is_trained_once_on_out_of_fold_proposals_and_kept(tmp_pat
     probe = type("P", (), {"masks": masks})()
     torch.testing.assert_close(judge.score(labeled.images, probe), again.score(labeled.images, probe))
     assert judge.score(labeled.images, probe).shape == (12, 3)
+
+
+def test_min_pick_gain_gates_the_preference_term_on_calibration_evidence(tiny):
+    """A judge whose pick does not beat the model's own mask on calibration by min_pick_gain gets
+    the control's anchor-only steps; one that does takes its preference steps."""
+    splits, base = tiny
+    inverted = OracleJudge(noise_std=0.0, invert=True)
+    control = _round(splits, copy.deepcopy(base), method="none", lambda_sup=1.0, steps=2)
+    control_model = copy.deepcopy(base)
+    _round(splits, control_model, method="none", lambda_sup=1.0, steps=2)
+    gated_model = copy.deepcopy(base)
+    gated = _round(splits, gated_model, inverted, lambda_sup=1.0, steps=2, min_pick_gain=0.0)
+    assert gated.metrics["rel_dice_pick"] < gated.metrics["rel_dice_identity"]  # the inverted judge picks worse
+    assert gated.metrics["gated"] == 1.0 and gated.metrics["pairs_used"] == 0
+    assert gated.num_examples == control.num_examples
+    for a, b in zip(gated_model.state_dict().values(), control_model.state_dict().values()):
+        torch.testing.assert_close(a, b)  # exactly the control's steps
+    honest = _round(splits, copy.deepcopy(base), OracleJudge(noise_std=0.0), lambda_sup=1.0, steps=2, min_pick_gain=0.0)
+    assert honest.metrics["gated"] == 0.0 and honest.metrics["pairs_used"] > 0
+    # a bar no judge can reach gates the honest judge too; without the option nothing is gated
+    assert _round(splits, copy.deepcopy(base), OracleJudge(noise_std=0.0), steps=2, min_pick_gain=1.0).metrics["gated"] == 1.0
+    assert "gated" not in _round(splits, copy.deepcopy(base), OracleJudge(noise_std=0.0), steps=2).metrics
