@@ -88,6 +88,9 @@ def test_tiny_grid_writes_table_csv_and_plots(tmp_path, capsys):
     assert float(rn["peak_dice_mean"]) >= float(rn["last_dice_mean"])
     assert float(rn["base_dice_mean"]) == pytest.approx(float(base["base_dice_mean"]))  # same base weights
     assert 0.0 <= float(rn["rel_montgomery_pair_accuracy_mean"]) <= 1.0
+    # the round's headroom on calibration: the best of K is at least the model's own mask and the pick
+    identity, best, pick = (float(rn[f"{k}_mean"]) for k in ("dice_identity", "dice_best", "dice_pick"))
+    assert 0.0 < identity <= best and pick <= best
 
     with (out / "rounds.csv").open() as f:
         rounds = [r for r in csv.DictReader(f) if r["arm"] == "rn_dpo"]
@@ -96,6 +99,7 @@ def test_tiny_grid_writes_table_csv_and_plots(tmp_path, capsys):
 
     table = (out / "results.md").read_text()
     assert "| rn_dpo |" in table and "| base |" in table and "Not finished" not in table
+    assert "### Headroom on the calibration splits" in table and "label eff." in table
     assert "python benchmarks/experiments.py --preset" in table
     # Dice after every round, not only peak and last: the row matches rounds.csv
     per_round = next(line for line in table.splitlines() if line.startswith("| rn_dpo |") and line.count("|") == 5)
@@ -225,3 +229,32 @@ def test_options_added_later_at_their_defaults_keep_cached_runs_valid():
     changed = dict(full, preference={**full["preference"], "reference": "base"})
     assert experiments._digest(experiments._identity(changed)) != experiments._digest(identity)
     assert experiments._identity(changed)["preference"]["reference"] == "base"
+
+
+def _record(arm: str, seed: int, last: float, headroom=(0.5, 0.7, 0.6)) -> dict:
+    """A finished run as run_record returns it: base 0.5, `last` at round 1, one site's headroom."""
+    figures = lambda dice: {"mean_dice": dice, "mean_hd95": 5.0, "sites": {}, "unseen": {},  # noqa: E731
+                            "unseen_mean_dice": None, "reliability": {}}
+    reliability = {"a": dict(zip(experiments.HEADROOM_KEYS, headroom))}
+    return {"task": "lung", "arm": arm, "seed": seed, "status": "done", "wall_s": 1.0,
+            "rounds": {0: figures(0.5), 1: figures(last)}, "peak": 1, "last": 1, "falls": 0,
+            "reliability": reliability}
+
+
+def test_label_efficiency_and_headroom_capture_are_paired_by_seed(tmp_path):
+    preset = experiments.load_preset(write_preset(tmp_path))
+    for name in ("sup_only", "all_labelled"):
+        preset.arms.append(experiments.Arm(name=name, groups=["method"], tasks=["lung"], set={}, judge=None,
+                                           site_judges={}))
+    records = [_record("sup_only", 0, 0.60), _record("all_labelled", 0, 0.70), _record("rn_dpo", 0, 0.65),
+               _record("sup_only", 1, 0.50), _record("all_labelled", 1, 0.60), _record("rn_dpo", 1, 0.59),
+               _record("rn_dpo", 2, 0.99)]  # seed 2 has no control: it has no label efficiency
+    rows = {r["arm"]: r for r in experiments.summarise(records, preset)}
+    assert rows["rn_dpo"]["label_efficiency"] == pytest.approx([0.5, 0.9])
+    assert rows["all_labelled"]["label_efficiency"] == pytest.approx([1.0, 1.0])
+    assert rows["rn_dpo"]["headroom_capture"] == pytest.approx([0.5] * 3)  # (0.6 - 0.5) / (0.7 - 0.5)
+    assert experiments._efficiency(0.6, 0.6, 0.6) is None  # labelling gains nothing: undefined, not infinite
+    assert experiments._capture(0.6, 0.6, 0.6) is None
+    table = experiments.markdown(list(rows.values()), records, preset, "cmd", [])
+    line = next(x for x in table.splitlines() if x.startswith("| rn_dpo | 3/1 |"))
+    assert "0.70 ± 0.28" in line  # the label efficiency column, mean ± std over the two paired seeds
