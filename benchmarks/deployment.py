@@ -62,7 +62,7 @@ def write_configs(work: Path, rounds: int, steps: int, image_size: int, model: s
             data:
               source: {{images: {DEMO / name / 'images'}, masks: {DEMO / name / 'masks'}}}
               split: {{labeled: 0.2, calibration: 0.15, unlabeled: 0.45, test: 0.2}}
-            judge: {{kind: oracle, noise_std: 0.05}}
+            judge: {{kind: agreement}}
             deployment:
               superlink: 127.0.0.1:1
               ca_cert: {work / 'prov' / 'sites' / name / 'ca.crt'}

@@ -497,7 +497,8 @@ def run_record(run: Run, base_run: Path, unseen: dict) -> dict:
     for site in {s for f in rounds.values() for s in f["reliability"]}:
         per_round = [rounds[r]["reliability"][site] for r in prefs if site in rounds[r]["reliability"]]
         reliability[site] = {k: _mean([x.get(k) for x in per_round])
-                             for k in ("pair_accuracy", "spearman", "pair_gain", "n_pairs", "weight", *HEADROOM_KEYS)}
+                             for k in ("pair_accuracy", "spearman", "pair_gain", "n_pairs", "weight", "gated",
+                                       *HEADROOM_KEYS)}
         reliability[site]["state_last"] = per_round[-1].get("state") if per_round else None
     return {"task": run.task, "arm": run.arm, "seed": run.seed, "status": run.status, "wall_s": run.wall_s,
             "rounds": rounds, "peak": peak, "last": last, "falls": falls, "reliability": reliability}
@@ -516,7 +517,7 @@ def _round_figures(lines: list[dict], unseen: dict) -> dict:
             reliability[x["site"]] = {"pair_accuracy": tr.get("rel_pair_accuracy"), "spearman": tr.get("rel_spearman"),
                                       "pair_gain": tr.get("rel_pair_gain"), "n_pairs": tr.get("rel_n_pairs"),
                                       "weight": x.get("weight"), "state": x.get("state"),
-                                      **{k: tr.get(f"rel_{k}") for k in HEADROOM_KEYS}}
+                                      "gated": tr.get("gated"), **{k: tr.get(f"rel_{k}") for k in HEADROOM_KEYS}}
     unseen = {c: {"dice": v.get("dice"), "hd95": v.get("hd95")} for c, v in unseen.items()}
     return {"mean_dice": glob.get("mean_dice"), "mean_hd95": glob.get("mean_hd95"), "sites": sites,
             "unseen": unseen, "unseen_mean_dice": _mean([v["dice"] for v in unseen.values()]),
@@ -598,6 +599,7 @@ def summarise(records: list[dict], preset: Preset) -> list[dict]:
                     row[f"rel_{s}_{metric}"] = [r["reliability"].get(s, {}).get(metric) for r in recs]
             for key in HEADROOM_KEYS:  # per seed, the mean over sites and preference rounds
                 row[key] = [_mean([x.get(key) for x in r["reliability"].values()]) for r in recs]
+            row["gated_share"] = [_mean([x.get("gated") for x in r["reliability"].values()]) for r in recs]
             row["headroom_capture"] = [_capture(*(_mean([x.get(k) for x in r["reliability"].values()])
                                                   for k in HEADROOM_KEYS)) for r in recs]
             row["wall_s"] = [r["wall_s"] for r in recs]
@@ -701,11 +703,12 @@ def markdown(rows: list[dict], records: list[dict], preset: Preset, command: str
             out += ["", "### Headroom on the calibration splits (mean over sites and preference rounds)", "",
                     "Dice of the model's own mask (*identity*), of the best of its K plausible proposals "
                     "(*best of K*: what a perfect judge would pick) and of the judge's pick; *capture* = "
-                    "(pick - identity) / (best - identity).", "",
-                    "| arm | identity | best of K | judge's pick | capture |", "|---|---|---|---|---|"]
+                    "(pick - identity) / (best - identity); *gated*: share of site-rounds that took anchor-only "
+                    "steps because the pick did not beat the model's own mask (`min_pick_gain`).", "",
+                    "| arm | identity | best of K | judge's pick | capture | gated |", "|---|---|---|---|---|---|"]
             for r in headroom_rows:
                 out.append(f"| {r['arm']} | {_fmt(r['dice_identity'])} | {_fmt(r['dice_best'])} | "
-                           f"{_fmt(r['dice_pick'])} | {_fmt(r['headroom_capture'], 2)} |")
+                           f"{_fmt(r['dice_pick'])} | {_fmt(r['headroom_capture'], 2)} | {_fmt(r['gated_share'], 2)} |")
         out += _round_table(records, task, [r["arm"] for r in trows])
         for kind, title in (("sites", "Per training site (test split)"), ("unseen", "Unseen centres (all frames, never federated)")):
             names = sorted({n for r in trows for n in r[f"_{kind}"]})

@@ -97,7 +97,8 @@ class DataConfig:
     """Either four split folders, or one labelled `source` folder cut by `split` fractions.
 
     Masks of the unlabelled split are optional; when present (simulation, experiments) they
-    are read only by the oracle judge and by evaluation, never by training.
+    are read only by the oracle judge, by the measurements and by the `all_labelled` upper-bound
+    control (`preference.supervise_unlabeled`), never by a label-free judge or by preference training.
     """
 
     labeled: Folder | None = None
@@ -171,9 +172,11 @@ class ProposalConfig:
 
     tta: tuple[str, ...] = ("identity", "hflip", "vflip", "hvflip")
     mc_samples: int = field(default=4, metadata=_non_negative)
-    thresholds: tuple[float, ...] = (0.3, 0.5, 0.7)
-    # the map the thresholds cut: `mean` of every pass, or the `identity` pass's own probabilities
-    threshold_of: str = field(default="mean", metadata=_choice(*THRESHOLD_MAPS))
+    # thresholds of the identity pass's own probability map by default (0.5 would be the identity
+    # mask itself); `mean` cuts the mean over every pass, whose 0.5 mask the agreement and
+    # uncertainty judges prefer by construction (it is made from every pass they compare with)
+    thresholds: tuple[float, ...] = (0.3, 0.7)
+    threshold_of: str = field(default="identity", metadata=_choice(*THRESHOLD_MAPS))
     # dilations (> 0) and erosions (< 0) of the identity mask, in pixels
     morph: tuple[int, ...] = ()
     # plausibility: mining ignores a proposal whose area is more than this factor away from the
@@ -218,7 +221,7 @@ class PreferenceConfig:
     supervise_unlabeled: bool = False
     # gate: take preference steps only when, on calibration, the judge's pick beats the model's
     # own mask by at least this mean Dice; otherwise anchor-only steps (None: never gated)
-    min_pick_gain: float | None = None
+    min_pick_gain: float | None = field(default=None, metadata=_check(lambda v: -1 <= v <= 1, "must be between -1 and 1"))
     mining: MiningConfig = field(default_factory=MiningConfig)
     proposals: ProposalConfig = field(default_factory=ProposalConfig)
 
@@ -558,6 +561,15 @@ def _check_consortium(cfg: ConsortiumConfig, path: Path) -> None:
     for i, t in enumerate(proposals.thresholds):
         if not 0.0 < t < 1.0:
             raise ctx.error(f"preference.proposals.thresholds[{i}]", f"{t!r} must be between 0 and 1")
+    pref = cfg.preference
+    if pref.supervise_unlabeled and (pref.method != "none" or pref.lambda_sup == 0):
+        raise ctx.error("preference.supervise_unlabeled", "is the all_labelled control: it needs method none "
+                                                          "and lambda_sup > 0 (the anchor steps it adds masks to)")
+    if pref.min_pick_gain is not None and pref.method in ("none", "entropy"):
+        raise ctx.error("preference.min_pick_gain", f"gates the preference term on the judge's pick; method "
+                                                    f"{pref.method} does not follow a judge")
+    if len(set(proposals.morph)) != len(proposals.morph) or 0 in proposals.morph:
+        raise ctx.error("preference.proposals.morph", "radii must be distinct and non-zero (0 is the identity mask)")
     needs_identity = proposals.morph or (proposals.thresholds and proposals.threshold_of == "identity") \
         or cfg.preference.mining.strategy == "top_identity"
     if needs_identity and "identity" not in proposals.tta:

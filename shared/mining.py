@@ -164,7 +164,8 @@ def candidate_pairs(scores: torch.Tensor, strategy: str, generator: torch.Genera
     if allowed is not None:
         s = torch.where(allowed, s, s.min() - 1.0 - (s.max() - s.min()) if s.numel() else s)
     sorted_scores, order = torch.sort(s, dim=1, descending=True, stable=True)
-    # the worst allowed proposal of each image (the last overall where none is allowed)
+    # the worst allowed proposal of each image (where none is allowed: the best, so the pair is
+    # empty and mine_pairs drops it)
     n_allowed = allowed.sum(1) if allowed is not None else torch.full((n,), k)
     worst = order.gather(1, (n_allowed - 1).clamp_min(0).view(-1, 1)).view(-1)
     if strategy == "top_identity":

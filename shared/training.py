@@ -113,9 +113,10 @@ def preference_round(
     its own: proposals still come from the received model, the reference stays fixed.
 
     `cfg.min_pick_gain` gates the preference term on the round's own evidence: when, on the
-    calibration split, the judge's pick does not beat the model's own mask by that much mean
-    Dice, following the judge cannot be expected to help, and the round takes the control's
-    anchor-only steps instead (metric `gated` 1).
+    calibration split, the judge's top pick (what top_bottom and top_identity train toward) does
+    not beat the model's own mask by that much mean Dice, following the judge cannot be expected
+    to help, and the round takes the control's anchor-only steps instead (metric `gated` 1). The
+    server then weighs the site as it weighs the control: labelled images x the judge's factor.
     """
     if cfg.supervise_unlabeled and cfg.method != "none":
         raise ValueError("preference.supervise_unlabeled is the all_labelled control: it needs method none")
@@ -124,8 +125,10 @@ def preference_round(
         model, calibration, judge, cfg.mining, cfg.proposals, device, seed
     )
     metrics = {f"rel_{k}": float(v) for k, v in reliability.items()}
+    # no calibration image is no evidence: gated too
     gated = (cfg.method != "none" and cfg.min_pick_gain is not None
-             and reliability["dice_pick"] - reliability["dice_identity"] < cfg.min_pick_gain)
+             and (reliability["n_images"] == 0
+                  or reliability["dice_pick"] - reliability["dice_identity"] < cfg.min_pick_gain))
     if cfg.min_pick_gain is not None:
         metrics["gated"] = float(gated)
     if gated:

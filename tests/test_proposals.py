@@ -57,13 +57,16 @@ class RightNeighbour(torch.nn.Module):
 
 
 def test_k_labels_and_dtypes():
-    cfg = ProposalConfig()  # 4 flips, 4 MC samples, 3 thresholds
+    cfg = ProposalConfig()  # 4 flips, 4 MC samples, 2 thresholds of the identity pass's map
     ps = generate_proposals(_unet(), _images(n=3), cfg, "cpu")
     assert ps.labels == (
         "tta:identity", "tta:hflip", "tta:vflip", "tta:hvflip",
         "mc:0", "mc:1", "mc:2", "mc:3",
-        "thr:0.30", "thr:0.50", "thr:0.70",
+        "thr:0.30", "thr:0.70",
     )
+    assert ps.sources == (0, 1, 2, 3, 4, 5, 6, 7, 0, 0)  # the thresholds are made from the identity pass
+    ps = generate_proposals(_unet(), _images(n=3), ProposalConfig(thresholds=(0.3, 0.5, 0.7), threshold_of="mean"), "cpu")
+    assert ps.labels[8:] == ("thr:0.30", "thr:0.50", "thr:0.70") and ps.sources[8:] == (-1, -1, -1)
     assert ps.masks.shape == (3, 11, 16, 16) and ps.masks.dtype == torch.uint8
     assert set(ps.masks.unique().tolist()) <= {0, 1}
     assert ps.mean_prob.shape == (3, 16, 16) and ps.mean_prob.dtype == torch.float32
@@ -111,7 +114,7 @@ def test_apply_tta_inverse_roundtrip_and_unknown_name():
 def test_ref_logits_equal_plain_eval_forward():
     model = _unet().train()
     x = _images(n=5)
-    ps = generate_proposals(model, x, ProposalConfig(tta=("hflip",), batch_size=4), "cpu")
+    ps = generate_proposals(model, x, ProposalConfig(tta=("hflip",), threshold_of="mean", batch_size=4), "cpu")
     model.eval()
     with torch.no_grad():
         expected = model(x)

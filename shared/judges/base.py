@@ -40,8 +40,8 @@ class Judge(Protocol):
         ...
 
 
-def check_inputs(images: torch.Tensor | None, proposals: ProposalSet, truth: torch.Tensor | None = None) -> None:
-    """Raise ValueError naming the shapes when images, proposals and truth do not match.
+def check_inputs(images: torch.Tensor | None, proposals: ProposalSet) -> None:
+    """Raise ValueError naming the shapes when images and proposals do not match.
 
     ``images`` may be None for judges that do not look at the image.
     """
@@ -54,11 +54,6 @@ def check_inputs(images: torch.Tensor | None, proposals: ProposalSet, truth: tor
                 f"images have shape {tuple(images.shape)} but the proposals' masks are {tuple(proposals.masks.shape)}: "
                 f"expected ({n}, C, {h}, {w})"
             )
-    if truth is not None and tuple(truth.shape) != (n, 1, h, w):
-        raise ValueError(
-            f"truth has shape {tuple(truth.shape)} but the proposals' masks are {tuple(proposals.masks.shape)}: "
-            f"expected ({n}, 1, {h}, {w})"
-        )
 
 
 def check_scores(scores: torch.Tensor, proposals: ProposalSet, judge_name: str) -> torch.Tensor:

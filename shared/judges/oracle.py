@@ -70,7 +70,8 @@ class OracleJudge:
         index = proposals.positions
         out_of_range = index.numel() and (int(index.min()) < 0 or int(index.max()) >= len(self.truth))
         if out_of_range or tuple(self.truth.shape[2:]) != tuple(proposals.masks.shape[2:]):
-            raise ValueError(f"the proposals (images {index.min().item()}..{index.max().item()}, size "
+            span = f"{index.min().item()}..{index.max().item()}" if index.numel() else "none"
+            raise ValueError(f"the proposals (images {span}, size "
                              f"{tuple(proposals.masks.shape[2:])}) are not of the split this oracle holds "
                              f"(masks {tuple(self.truth.shape)})")
         scores = dice_scores(proposals.masks, self.truth.index_select(0, index))
