@@ -17,7 +17,8 @@ at every training site, the calibration split plus a fixed sample of `--frames` 
 2. **per mining strategy** on the full set with the oracle at noise 0.1 and each label-free
    judge: pair accuracy, the mean true Dice gap chosen - rejected, the Dice of the chosen masks
    and their gain over the identity prediction of the same image (what moving the model toward
-   the chosen mask would gain), and how often the rejected mask is a frame-covering or empty one.
+   the chosen mask would gain). Each strategy gets a fresh oracle of the same seed, so the
+   strategies are compared on the same noisy scores.
 
 Everything runs through `shared.mining.mine_split`, the pipeline a preference round uses.
 """
@@ -103,6 +104,8 @@ def main(argv=None) -> int:
     parser.add_argument("--base", required=True, type=Path, help="a cached base folder of benchmarks/experiments.py")
     parser.add_argument("--frames", type=int, default=128, help="unlabelled frames a site, besides its calibration split")
     parser.add_argument("--out", type=Path, help="also write the tables to this markdown file")
+    parser.add_argument("--part", choices=("all", "sources", "mining"), default="all",
+                        help="both tables (default), or only the per-source or the per-strategy one")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     consortium = load_consortium(args.base / "consortium.yaml")
@@ -119,7 +122,20 @@ def main(argv=None) -> int:
              + ", ".join(f"{name} {len(d.names)}" for name, d in data.items())
              + f" (calibration + {args.frames} unlabelled); plausibility max_area_ratio {RATIO:g}.", ""]
 
-    lines += ["### Per proposal source (mean over sites)", "",
+    if args.part != "mining":
+        lines += _source_table(model, data, seed)
+    if args.part != "sources":
+        lines += _mining_table(model, data, seed)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    return 0
+
+
+def _source_table(model, data: dict[str, SplitData], seed: int) -> list[str]:
+    lines = ["### Per proposal source (mean over sites)", "",
               "| source | K | identity | best-of-K | headroom | implausible | oracle 0.1 pick (capture) | "
               "agreement pick (capture) | uncertainty pick (capture) |", "|---|---|---|---|---|---|---|---|---|"]
     for label, cfg in SOURCES.items():
@@ -136,24 +152,23 @@ def main(argv=None) -> int:
             cells.append(f"{pick:.3f} ({capture:+.0%})")
         lines.append("| " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
+    return lines + [""]
 
-    lines += ["", f"### Per mining strategy (proposals: {FULL}; mean over sites)", "",
+
+def _mining_table(model, data: dict[str, SplitData], seed: int) -> list[str]:
+    lines = [f"### Per mining strategy (proposals: {FULL}; mean over sites)", "",
               "| judge | strategy | pairs | pair accuracy | Dice gap chosen - rejected | Dice chosen | "
               "chosen - identity |", "|---|---|---|---|---|---|---|"]
     cfg = dataclasses.replace(SOURCES[FULL], max_area_ratio=RATIO)
-    for name, judge in _judges(seed).items():
+    for name in _judges(seed):
         for strategy in STRATEGIES:
+            judge = _judges(seed)[name]  # fresh: every strategy sees the same oracle noise
             stats = [_run(model, d, judge, MiningConfig(strategy=strategy), cfg, seed) for d in data.values()]
             lines.append(f"| {name} | {strategy} | {sum(s['pairs'] for s in stats)} | {_mean(stats, 'pair_accuracy'):.3f} | "
                          f"{_mean(stats, 'pair_gain'):+.3f} | {_mean(stats, 'dice_chosen'):.3f} | "
                          f"{_mean(stats, 'chosen_over_identity'):+.3f} |")
             print(lines[-1], flush=True)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    return 0
+    return lines
 
 
 def _mean(stats: list[dict], key: str) -> float:

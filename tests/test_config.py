@@ -195,6 +195,46 @@ MALFORMED = {
         "c.yaml", CONSORTIUM + "preference: {proposals: {threshold_of: median}}\n",
         "c.yaml: preference.proposals.threshold_of: 'median' is not one of mean, identity",
     ),
+    "default thresholds without the identity pass": (  # the default thresholds cut the identity pass's map
+        "c.yaml", CONSORTIUM + "preference: {proposals: {tta: [hflip, vflip]}}\n",
+        "c.yaml: preference.proposals.tta: must list identity",
+    ),
+    "supervise_unlabeled with a judge-following method": (
+        "c.yaml", CONSORTIUM + "preference: {method: rn_dpo, supervise_unlabeled: true}\n",
+        "c.yaml: preference.supervise_unlabeled: is the all_labelled control: it needs method none and lambda_sup > 0",
+    ),
+    "supervise_unlabeled with the default method": (
+        "c.yaml", CONSORTIUM + "preference: {supervise_unlabeled: true}\n",
+        "c.yaml: preference.supervise_unlabeled: is the all_labelled control: it needs method none",
+    ),
+    "supervise_unlabeled with lambda_sup 0": (
+        "c.yaml", CONSORTIUM + "preference: {method: none, lambda_sup: 0, supervise_unlabeled: true}\n",
+        "c.yaml: preference.supervise_unlabeled: is the all_labelled control: it needs method none and lambda_sup > 0",
+    ),
+    "min_pick_gain with method none": (
+        "c.yaml", CONSORTIUM + "preference: {method: none, min_pick_gain: 0.0}\n",
+        "c.yaml: preference.min_pick_gain: gates the preference term on the judge's pick; method none does not follow a judge",
+    ),
+    "min_pick_gain with method entropy": (
+        "c.yaml", CONSORTIUM + "preference: {method: entropy, min_pick_gain: 0.01}\n",
+        "c.yaml: preference.min_pick_gain: gates the preference term on the judge's pick; method entropy does not follow a judge",
+    ),
+    "min_pick_gain above 1": (
+        "c.yaml", CONSORTIUM + "preference: {min_pick_gain: 1.5}\n",
+        "c.yaml: preference.min_pick_gain: 1.5 must be between -1 and 1",
+    ),
+    "min_pick_gain below -1": (
+        "c.yaml", CONSORTIUM + "preference: {min_pick_gain: -2}\n",
+        "c.yaml: preference.min_pick_gain: -2.0 must be between -1 and 1",
+    ),
+    "morph radius repeated": (
+        "c.yaml", CONSORTIUM + "preference: {proposals: {morph: [1, -1, 1]}}\n",
+        "c.yaml: preference.proposals.morph: radii must be distinct and non-zero",
+    ),
+    "morph radius 0": (
+        "c.yaml", CONSORTIUM + "preference: {proposals: {morph: [1, 0]}}\n",
+        "c.yaml: preference.proposals.morph: radii must be distinct and non-zero (0 is the identity mask)",
+    ),
     "max_unlabeled 0": ("c.yaml", CONSORTIUM + "preference: {max_unlabeled: 0}\n", "c.yaml: preference.max_unlabeled: 0 must be > 0"),
     "max_area_ratio 1": (
         "c.yaml", CONSORTIUM + "preference: {proposals: {max_area_ratio: 1.0}}\n",
@@ -274,17 +314,31 @@ def test_identity_derived_proposals_need_the_identity_pass(tmp_path):
     cfg = load_consortium(_write(tmp_path, "c.yaml", CONSORTIUM + (
         "preference:\n"
         "  max_unlabeled: 64\n"
+        "  method: none\n"  # supervise_unlabeled is the all_labelled control: method none only
         "  supervise_unlabeled: true\n"
         "  mining: {strategy: top_identity}\n"
         "  proposals: {tta: [hflip, identity], threshold_of: identity, morph: [2, -1], max_area_ratio: 2.5}\n"
     )))
     pref = cfg.preference
-    assert (pref.max_unlabeled, pref.supervise_unlabeled, pref.mining.strategy) == (64, True, "top_identity")
+    assert (pref.max_unlabeled, pref.method, pref.supervise_unlabeled, pref.mining.strategy) == (64, "none", True, "top_identity")
     assert (pref.proposals.threshold_of, pref.proposals.morph, pref.proposals.max_area_ratio) == ("identity", (2, -1), 2.5)
     # thresholds of the identity pass need it only when there are thresholds
     cfg = load_consortium(_write(tmp_path, "c.yaml", CONSORTIUM + (
         "preference: {proposals: {tta: [hflip], threshold_of: identity, thresholds: []}}\n")))
     assert cfg.preference.proposals.thresholds == ()
+
+
+def test_the_new_refusals_leave_the_settings_they_are_for(tmp_path):
+    """supervise_unlabeled loads with method none; min_pick_gain with every judge-following method and
+    at the bounds; distinct non-zero morph radii of either sign."""
+    cfg = load_consortium(_write(tmp_path, "c.yaml", CONSORTIUM + "preference: {method: none, supervise_unlabeled: true}\n"))
+    assert (cfg.preference.method, cfg.preference.supervise_unlabeled, cfg.preference.lambda_sup) == ("none", True, 1.0)
+    for method in ("rn_dpo", "dpo", "pseudo_label"):
+        for gain in (-1, 0.0, 0.02, 1):
+            cfg = load_consortium(_write(tmp_path, "c.yaml", CONSORTIUM + f"preference: {{method: {method}, min_pick_gain: {gain}}}\n"))
+            assert (cfg.preference.method, cfg.preference.min_pick_gain) == (method, gain)
+    cfg = load_consortium(_write(tmp_path, "c.yaml", CONSORTIUM + "preference: {proposals: {morph: [2, 1, -1, -2]}}\n"))
+    assert cfg.preference.proposals.morph == (2, 1, -1, -2)
 
 
 def test_deployment_only_consortium_lists_no_site_files(tmp_path):
@@ -308,8 +362,11 @@ def test_defaults_are_filled(tmp_path):
     assert cfg.seed == 0 and cfg.base_checkpoint is None
     assert cfg.preference.lr == 1e-4 and cfg.model.strides == (2, 2, 2) and cfg.model.in_channels == 1
     proposals = cfg.preference.proposals
-    assert (proposals.threshold_of, proposals.morph, proposals.max_area_ratio) == ("mean", (), None)
+    # thresholds of the identity pass's own map by default: 0.3 and 0.7 (0.5 would be the identity mask itself)
+    assert (proposals.thresholds, proposals.threshold_of) == ((0.3, 0.7), "identity") and "identity" in proposals.tta
+    assert (proposals.morph, proposals.max_area_ratio) == ((), None)
     assert cfg.preference.max_unlabeled is None and cfg.preference.supervise_unlabeled is False
+    assert cfg.preference.min_pick_gain is None
 
 
 def test_exponent_numbers_load_as_floats(tmp_path):

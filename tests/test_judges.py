@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from shared.config import JudgeConfig
-from shared.judges import AgreementJudge, Judge, OracleJudge, UncertaintyJudge, build_judge
+from shared.judges import AgreementJudge, Judge, OracleJudge, UncertaintyJudge, build_judge, check_inputs
 from shared.judges.learned import LearnedJudge
 from shared.judges.oracle import bind_to
 from shared.proposals import ProposalSet
@@ -141,6 +141,24 @@ def test_bind_to_binds_oracles_only():
 def test_no_judge_score_takes_truth(judge):
     params = list(inspect.signature(judge.score).parameters)
     assert params[:3] == ["self", "images", "proposals"] and "truth" not in params
+
+
+def test_check_inputs_takes_no_truth():
+    assert list(inspect.signature(check_inputs).parameters) == ["images", "proposals"]
+    images, ps, _ = _graded(n=3)
+    check_inputs(images, ps)
+    check_inputs(None, ps)  # judges that do not look at the image
+    with pytest.raises(ValueError, match=r"images have shape \(2, 1, 16, 16\).*expected \(3, C, 16, 16\)"):
+        check_inputs(images[:2], ps)
+
+
+def test_oracle_names_an_empty_chunk_of_another_size_clearly():
+    images, ps, truth = _graded(n=3)
+    empty = ps.index([])
+    assert OracleJudge(truth=truth).score(images[:0], empty).shape == (0, 5)
+    small = OracleJudge(truth=truth[..., :8, :8])
+    with pytest.raises(ValueError, match=r"images none, size \(16, 16\)\) are not of the split this oracle holds"):
+        small.score(images[:0], empty)
 
 
 def test_agreement_hand_values_and_empty_masks():

@@ -142,7 +142,7 @@ def test_mc_without_dropout_equals_identity_pass():
 
 
 def test_thresholds_are_nested_masks_of_the_mean():
-    cfg = ProposalConfig(tta=("identity", "hflip"), mc_samples=2, thresholds=(0.3, 0.5, 0.7))
+    cfg = ProposalConfig(tta=("identity", "hflip"), mc_samples=2, thresholds=(0.3, 0.5, 0.7), threshold_of="mean")
     ps = generate_proposals(_unet(), _images(n=3), cfg, "cpu")
     low, mid, high = ps.masks[:, 4], ps.masks[:, 5], ps.masks[:, 6]
     assert bool((high <= mid).all()) and bool((mid <= low).all())
@@ -212,7 +212,8 @@ def test_bad_inputs_raise_with_shapes_and_options():
 
 def test_empty_split():
     ps = generate_proposals(_unet(), torch.zeros(0, 1, 16, 16), ProposalConfig(), "cpu")
-    assert ps.masks.shape == (0, 11, 16, 16)
+    assert ps.masks.shape == (0, 10, 16, 16)  # 4 flips, 4 MC samples, 2 thresholds of the identity pass
+    assert ps.sources == (0, 1, 2, 3, 4, 5, 6, 7, 0, 0) and ps.positions.shape == (0,)
     assert list(iter_proposals(_unet(), torch.zeros(0, 1, 16, 16), ProposalConfig(), "cpu")) == []
 
 
@@ -220,7 +221,7 @@ def test_empty_split():
 
 
 def test_pass_maps_sources_and_positions_are_filled():
-    cfg = ProposalConfig(tta=("hflip", "identity"), mc_samples=2, thresholds=(0.3, 0.5), morph=(1,))
+    cfg = ProposalConfig(tta=("hflip", "identity"), mc_samples=2, thresholds=(0.3, 0.5), threshold_of="mean", morph=(1,))
     ps = generate_proposals(_unet(), _images(n=3), cfg, "cpu")
     assert ps.n_passes == 4 and ps.pass_probs.shape == (3, 4, 16, 16) and ps.pass_probs.dtype == torch.float16
     assert ps.positions.tolist() == [0, 1, 2] and ps.positions.dtype == torch.int64
@@ -233,12 +234,15 @@ def test_pass_maps_sources_and_positions_are_filled():
 
 
 def test_proposal_sources_and_labels_by_hand():
-    cfg = ProposalConfig(tta=("hflip", "identity"), mc_samples=2, thresholds=(0.3, 0.5), morph=(1, -1))
+    cfg = ProposalConfig(tta=("hflip", "identity"), mc_samples=2, thresholds=(0.3, 0.5), threshold_of="mean",
+                         morph=(1, -1))
     assert proposal_labels(cfg) == ("tta:hflip", "tta:identity", "mc:0", "mc:1", "thr:0.30", "thr:0.50",
                                     "morph:+1", "morph:-1")
     assert proposal_sources(cfg) == (0, 1, 2, 3, -1, -1, 1, 1)
     assert proposal_sources(ProposalConfig(tta=("hflip", "identity"), mc_samples=1, thresholds=(0.5,),
                                            threshold_of="identity")) == (0, 1, 2, 1)
+    # the default cuts the identity pass's map: its thresholds' source is the identity pass, wherever it sits
+    assert proposal_sources(ProposalConfig(tta=("hflip", "identity"), mc_samples=1)) == (0, 1, 2, 1, 1)
 
 
 def test_threshold_of_identity_cuts_the_identity_pass():

@@ -454,3 +454,25 @@ def test_min_pick_gain_gates_the_preference_term_on_calibration_evidence(tiny):
     # a bar no judge can reach gates the honest judge too; without the option nothing is gated
     assert _round(splits, copy.deepcopy(base), OracleJudge(noise_std=0.0), steps=2, min_pick_gain=1.0).metrics["gated"] == 1.0
     assert "gated" not in _round(splits, copy.deepcopy(base), OracleJudge(noise_std=0.0), steps=2).metrics
+
+
+def test_min_pick_gain_gates_a_round_whose_calibration_split_has_no_image(tiny):
+    """No calibration image is no evidence that the pick beats the model's own mask: with
+    min_pick_gain set the round is gated and takes exactly the control's anchor-only steps, even
+    with a perfect judge; without the option the same round takes its preference steps."""
+    splits, base = tiny
+    calibration = splits["calibration"]
+    empty = {**splits, "calibration": SplitData(names=[], images=calibration.images[:0], masks=calibration.masks[:0])}
+    control_model = copy.deepcopy(base)
+    control = _round(empty, control_model, method="none", lambda_sup=1.0, steps=2)
+    gated_model = copy.deepcopy(base)
+    gated = _round(empty, gated_model, OracleJudge(noise_std=0.0), lambda_sup=1.0, steps=2, min_pick_gain=0.0)
+    assert gated.metrics["rel_n_images"] == 0.0
+    assert gated.metrics["gated"] == 1.0 and gated.metrics["pairs_used"] == 0
+    assert gated.num_examples == control.num_examples == len(splits["labeled"].names)
+    assert gated.metrics["steps"] == 2 and _all_finite(gated.metrics)
+    assert gated.metrics["pref_loss"] == 0.0 and gated.metrics["loss"] == gated.metrics["sup_loss"]  # anchor only
+    for a, b in zip(gated_model.state_dict().values(), control_model.state_dict().values()):
+        torch.testing.assert_close(a, b)  # exactly the control's steps
+    ungated = _round(empty, copy.deepcopy(base), OracleJudge(noise_std=0.0), lambda_sup=1.0, steps=2)
+    assert "gated" not in ungated.metrics and ungated.metrics["pairs_used"] > 0
