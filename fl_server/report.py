@@ -289,11 +289,15 @@ HEADROOM = ("rel_dice_identity", "rel_dice_best", "rel_dice_pick")
 
 
 def _round_row(record: dict) -> list[str]:
-    """One site line as a row of ``round_table``."""
+    """One site line as a row of ``round_table``; an ok site whose round was gated (anchor-only
+    steps: its judge's calibration pick did not beat its own mask) shows status ``gated``."""
+    status = record.get("status")
+    if status == "ok" and _number(_get(record, "train", "gated")) == 1.0:
+        status = "gated"
     return [
         str(record["site"]),
         _fmt(record.get("phase")),
-        _fmt(record.get("status")),
+        _fmt(status),
         _fmt(_get(record, "eval", "dice")),
         _fmt(_get(record, "eval", "hd95")),
         _fmt(_get(record, "train", "rel_pair_accuracy")),

@@ -342,3 +342,16 @@ def test_round_table_without_global_line():
 ])
 def test_fmt(value, expected):
     assert _fmt(value) == expected
+
+
+def test_round_table_marks_a_gated_site():
+    """A site whose round took anchor-only steps (preference.min_pick_gain) shows status gated."""
+    lines = [x for x in _lines() if x["round"] == 3]
+    for line in lines:
+        if line.get("site") == "montgomery":
+            line["train"] = dict(line["train"], gated=1.0)
+        elif line.get("kind") == "site" and line.get("train"):
+            line["train"] = dict(line["train"], gated=0.0)
+    rows = {row[0]: row for row in _cells(round_table(lines))[1:]}
+    assert rows["montgomery"][2] == "gated"
+    assert all(row[2] != "gated" for name, row in rows.items() if name != "montgomery")
