@@ -220,7 +220,9 @@ class PreferenceConfig:
     # also draw from the unlabelled split's true masks (refused where that split has none)
     supervise_unlabeled: bool = False
     # gate: take preference steps only when, on calibration, the judge's pick beats the model's
-    # own mask by at least this mean Dice; otherwise anchor-only steps (None: never gated)
+    # own mask by at least this mean Dice; otherwise anchor-only steps (None: never gated). It
+    # gates the judge-following methods (rn_dpo, dpo, pseudo_label); `none` has nothing to gate
+    # and `entropy` follows no judge, so a consortium-wide setting leaves them as they are
     min_pick_gain: float | None = field(default=None, metadata=_check(lambda v: -1 <= v <= 1, "must be between -1 and 1"))
     mining: MiningConfig = field(default_factory=MiningConfig)
     proposals: ProposalConfig = field(default_factory=ProposalConfig)
@@ -565,9 +567,6 @@ def _check_consortium(cfg: ConsortiumConfig, path: Path) -> None:
     if pref.supervise_unlabeled and (pref.method != "none" or pref.lambda_sup == 0):
         raise ctx.error("preference.supervise_unlabeled", "is the all_labelled control: it needs method none "
                                                           "and lambda_sup > 0 (the anchor steps it adds masks to)")
-    if pref.min_pick_gain is not None and pref.method in ("none", "entropy"):
-        raise ctx.error("preference.min_pick_gain", f"gates the preference term on the judge's pick; method "
-                                                    f"{pref.method} does not follow a judge")
     if len(set(proposals.morph)) != len(proposals.morph) or 0 in proposals.morph:
         raise ctx.error("preference.proposals.morph", "radii must be distinct and non-zero (0 is the identity mask)")
     needs_identity = proposals.morph or (proposals.thresholds and proposals.threshold_of == "identity") \

@@ -126,7 +126,7 @@ def preference_round(
     )
     metrics = {f"rel_{k}": float(v) for k, v in reliability.items()}
     # no calibration image is no evidence: gated too
-    gated = (cfg.method != "none" and cfg.min_pick_gain is not None
+    gated = (cfg.method not in ("none", "entropy") and cfg.min_pick_gain is not None
              and (reliability["n_images"] == 0
                   or reliability["dice_pick"] - reliability["dice_identity"] < cfg.min_pick_gain))
     if cfg.min_pick_gain is not None:

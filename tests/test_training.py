@@ -476,3 +476,15 @@ def test_min_pick_gain_gates_a_round_whose_calibration_split_has_no_image(tiny):
         torch.testing.assert_close(a, b)  # exactly the control's steps
     ungated = _round(empty, copy.deepcopy(base), OracleJudge(noise_std=0.0), lambda_sup=1.0, steps=2)
     assert "gated" not in ungated.metrics and ungated.metrics["pairs_used"] > 0
+
+
+def test_min_pick_gain_leaves_the_control_and_entropy_rounds_alone(tiny):
+    """A gate set consortium-wide does not touch a round that follows no judge."""
+    splits, base = tiny
+    for method in ("none", "entropy"):
+        plain_model, gated_model = copy.deepcopy(base), copy.deepcopy(base)
+        plain = _round(splits, plain_model, method=method, steps=2)
+        gated = _round(splits, gated_model, method=method, steps=2, min_pick_gain=1.0)  # a bar nothing reaches
+        assert gated.metrics.get("gated") == 0.0 and gated.num_examples == plain.num_examples
+        for a, b in zip(gated_model.state_dict().values(), plain_model.state_dict().values()):
+            torch.testing.assert_close(a, b)
