@@ -600,8 +600,7 @@ def summarise(records: list[dict], preset: Preset) -> list[dict]:
             for key in HEADROOM_KEYS:  # per seed, the mean over sites and preference rounds
                 row[key] = [_mean([x.get(key) for x in r["reliability"].values()]) for r in recs]
             row["gated_share"] = [_mean([x.get("gated") for x in r["reliability"].values()]) for r in recs]
-            row["headroom_capture"] = [_capture(*(_mean([x.get(k) for x in r["reliability"].values()])
-                                                  for k in HEADROOM_KEYS)) for r in recs]
+            row["headroom_capture"] = [_capture(*seed_figures) for seed_figures in zip(*(row[k] for k in HEADROOM_KEYS))]
             row["wall_s"] = [r["wall_s"] for r in recs]
             rows.append(row)
     return rows

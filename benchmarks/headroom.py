@@ -43,7 +43,7 @@ from shared.mining import headroom, mine_pairs, mine_split  # noqa: E402
 from shared.proposals import generate_proposals, plausible  # noqa: E402
 from shared.reliability import dice_scores  # noqa: E402
 from shared.site import load_model  # noqa: E402
-from shared.training import sample_unlabeled, subset  # noqa: E402
+from shared.training import concat_splits, sample_unlabeled  # noqa: E402
 
 TTA = ("identity", "hflip", "vflip", "hvflip")
 RATIO = 3.0  # the plausibility filter's max_area_ratio for every set below
@@ -70,10 +70,7 @@ def _judges(seed: int):
 def _frames(site, frames: int, seed: int) -> SplitData:
     splits = load_site_data(site, splits=("calibration", "unlabeled"))
     pool = sample_unlabeled(splits["unlabeled"], frames, seed)
-    cal = splits["calibration"]
-    both = SplitData(names=list(cal.names) + list(pool.names), images=torch.cat([cal.images, pool.images]),
-                     masks=torch.cat([cal.masks, pool.masks]))
-    return subset(both, torch.arange(len(both.names)))
+    return concat_splits(splits["calibration"], pool)
 
 
 def _source_figures(model, data: SplitData, cfg: ProposalConfig, seed: int) -> dict:

@@ -141,7 +141,7 @@ def preference_round(
         metrics["pairs_used"] = 0
         if cfg.supervise_unlabeled:
             _require_masks(unlabeled, "unlabeled")
-            labeled = _concat(labeled, unlabeled) if labeled is not None else unlabeled
+            labeled = concat_splits(labeled, unlabeled) if labeled is not None else unlabeled
         if cfg.lambda_sup == 0 or labeled is None or len(labeled.names) == 0:
             return RoundResult(num_examples=0, metrics=metrics, pairs=calib_pairs)
         metrics.update(_preference_steps(model, unlabeled, labeled, None, cfg, device, seed, progress))
@@ -328,7 +328,7 @@ def sample_unlabeled(split: SplitData, limit: int | None, seed: int) -> SplitDat
     return subset(split, order[:limit].sort().values)
 
 
-def _concat(a: SplitData, b: SplitData) -> SplitData:
+def concat_splits(a: SplitData, b: SplitData) -> SplitData:
     """Two labelled splits as one (copies)."""
     return SplitData(names=list(a.names) + list(b.names), images=torch.cat([a.images, b.images]),
                      masks=torch.cat([a.masks, b.masks]))
