@@ -100,7 +100,7 @@ def round_figures(run_dir: Path) -> list[dict]:
 def run_simulation(consortium: Path, run_dir: Path) -> float:
     env = dict(os.environ, FLWR_HOME=str(run_dir.parent / "sim_flwr_home"))
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "fl_server.sim", "--consortium", str(consortium),
+    proc = subprocess.run([sys.executable, "-m", "fl_sim", "--consortium", str(consortium),
                            "--run-dir", str(run_dir), "--cpus", "2"], cwd=ROOT, env=env,
                           capture_output=True, text=True)
     wall = time.monotonic() - started

@@ -332,7 +332,7 @@ def _simulate(consortium: Path, run_dir: Path, total_rounds: int, cpus: int, tim
     done = _last_round(run_dir) if run_dir.exists() else 0
     if done >= total_rounds:
         return True, 0.0, "already complete"
-    cmd = [sys.executable, "-m", "fl_server.sim", "--consortium", str(consortium), "--run-dir", str(run_dir),
+    cmd = [sys.executable, "-m", "fl_sim", "--consortium", str(consortium), "--run-dir", str(run_dir),
            "--cpus", str(cpus)]
     if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").glob("round_*.pt")):
         cmd.append("--resume")
@@ -445,7 +445,7 @@ class UnseenEvaluator:
     def __call__(self, checkpoint: Path) -> dict[str, dict]:
         import torch
 
-        from fl_server.run_dir import load_state
+        from shared.model import load_state
         from shared.evaluation import evaluate
         from shared.site import load_model
 

@@ -3,7 +3,7 @@
     python benchmarks/federation.py [--rounds 100] [--share-rounds 3] [--share-cpus N]
                                     [--skip-memory] [--skip-share]
 
-Both parts run our real federation in Flower's simulation engine (`fl_server.sim.run`: our
+Both parts run our real federation in Flower's simulation engine (`fl_sim.cli.run`: our
 ServerApp round loop, our ClientApp in Ray actors), each in a fresh Python process so that one
 part's Ray session and memory do not touch the other's, with every file in a temporary folder.
 
@@ -131,7 +131,7 @@ def run_worker(part: str, args: argparse.Namespace, out: Path) -> dict:
 
 
 def simulate(cfg, run_dir: Path, cpus: int, on_round, client_app=None) -> None:
-    from fl_server import sim
+    from fl_sim import cli as sim
     from shared.config import load_consortium_sites
 
     code = sim.run(cfg, load_consortium_sites(cfg), run_dir, resume=False, cpus=cpus, client_app=client_app,

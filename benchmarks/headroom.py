@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     if not checkpoints:
         print(f"{args.base}: no checkpoint under run/checkpoints: train the base first", file=sys.stderr)
         return 2
-    from fl_server.run_dir import load_state
+    from shared.model import load_state
 
     model = load_model(consortium.model, load_state(checkpoints[-1])).eval()
     seed = consortium.seed

@@ -73,7 +73,7 @@ def cmd_local(args) -> int:
     from shared.config import ModelConfig, PreferenceConfig, SupervisedConfig, load_consortium, load_site
     from shared.data import load_site_data
     from shared.site import evaluate_round, load_model, train_round
-    from fl_server.run_dir import load_state
+    from shared.model import load_state
 
     site = load_site(args.site)
     if args.consortium:

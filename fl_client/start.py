@@ -31,12 +31,11 @@ from fl_client.supernode import (
     SuperNodeHandle,
     check_superlink,
     load_site_key,
-    split_address,
     start_supernode,
     wait_for_superlink,
 )
-from fl_server.superlink import sigterm_as_interrupt
 from shared.config import SiteConfig, load_site
+from shared.processes import sigterm_as_interrupt, split_address
 
 WAIT_TIMEOUT = 600.0  # how long to wait for an unreachable consortium server, seconds
 TASK_POLL_INTERVAL = 0.2  # FLWR_SUPEREXEC_TASK_POLL_INTERVAL (Flower's default: 1 s)

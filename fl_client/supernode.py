@@ -23,7 +23,7 @@ Two ClientApp mods live here (registered on our ClientApp): ``sent_log_mod`` app
 JSON line per reply to the site's ``<work_dir>/sent.log`` (what left the site, never the
 data itself), and ``packed_arrays_mod`` unpacks the arrays the ServerApp packed into one
 buffer and packs the reply's the same way (fewer objects to move, see
-``fl_server.superlink.pack_arrays``).
+``shared.wire.pack_arrays``).
 
 Round-trip time (docs/deployment-notes.md): ``start_supernode(..., warm_clientapp=True)``
 runs the SuperNode with ``--isolation process`` and our own SuperExec
@@ -54,19 +54,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
-from fl_server.provision import server_certificate_problems
-from fl_server.superlink import (
-    PACKED_LAYOUT,
-    ManagedProcess,
-    flower_bin,
-    flower_env,
-    free_port,
-    log_length,
-    pack_arrays,
-    packed_layout,
-    spawn,
-    unpack_arrays,
-)
+from shared.processes import ManagedProcess, split_address, flower_bin, flower_env, free_port, log_length, spawn
+from shared.tls import server_certificate_problems
+from shared.wire import PACKED_LAYOUT, pack_arrays, packed_layout, unpack_arrays
 
 _NODE_ID = re.compile(r"SuperNode ID: (\d+)")
 
@@ -85,16 +75,6 @@ class SuperLinkConnectionError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------- preflight
-
-
-def split_address(address: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` -> (host, port)."""
-    match = re.fullmatch(r"\[(?P<h6>[^\]]+)\]:(?P<p6>\d+)|(?P<h>[^:\[\]]+):(?P<p>\d+)",
-                         address.strip())
-    if not match:
-        raise ValueError(f"SuperLink address {address!r} is not host:port")
-    host = match.group("h6") or match.group("h")
-    return host, int(match.group("p6") or match.group("p"))
 
 
 def _fetch_server_cert(host: str, port: int, timeout: float) -> x509.Certificate | None:

@@ -26,7 +26,8 @@ from flwr.serverapp.strategy import FedAvg
 from shared.aggregation import coordinate_median, krum_select, norm_outliers, update_norm, update_problem, weighted_average
 from shared.config import ConsortiumConfig, PreferenceConfig, to_dict
 from shared.ledger import EXCLUDED, Ledger
-from fl_server.run_dir import RunDir, config_hash, load_state
+from shared.model import load_state
+from fl_server.run_dir import RunDir, config_hash
 
 log = logging.getLogger(__name__)
 

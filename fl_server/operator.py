@@ -40,8 +40,10 @@ import yaml
 
 from fl_server import superlink as sl
 from fl_server.app_dir import write_app_dir
-from fl_server.provision import ProvisionResult, certificate_problems, provision
+from fl_server.provision import ProvisionResult, provision
 from shared.config import ConfigError, ConsortiumConfig, load_consortium
+from shared.processes import sigterm_as_interrupt, split_address
+from shared.tls import certificate_problems
 
 TASK_POLL_INTERVAL = 0.2  # FLWR_SUPEREXEC_TASK_POLL_INTERVAL (Flower's default: 1 s)
 REVOKED_FILE = "revoked_sites.json"
@@ -356,7 +358,7 @@ def cmd_start(args) -> int:
 
     link = None
     run_id = None
-    with sl.sigterm_as_interrupt():
+    with sigterm_as_interrupt():
         try:
             link, connection = start_consortium_superlink(cfg, paths, run_dir)
             run_id = submit_consortium_run(cfg, paths, run_dir, connection, args.resume)
@@ -431,8 +433,6 @@ def revoke_site(site: str, paths: OperatorPaths, say: Say = _say) -> bool:
 
 
 def _reachable(address: str) -> bool:
-    from fl_client.supernode import split_address
-
     host, port = split_address(address)
     try:
         with socket.create_connection((host, port), timeout=2):

@@ -37,10 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from shared.tls import host_in_sans, load_cert, san_hosts, signed_by
 
 CA_VALID_DAYS = 3650
 SERVER_VALID_DAYS = 365
@@ -225,118 +226,6 @@ def make_site_key() -> tuple[bytes, bytes]:
 # ---------------------------------------------------------------------------- checks
 
 
-def _load_cert(path: Path | str) -> x509.Certificate:
-    return x509.load_pem_x509_certificate(Path(path).read_bytes())
-
-
-def _san_hosts(cert: x509.Certificate) -> list[str]:
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return []
-    return [str(v) for v in san.get_values_for_type(x509.IPAddress)] + list(
-        san.get_values_for_type(x509.DNSName)
-    )
-
-
-def _host_in_sans(host: str, sans: list[str]) -> bool:
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        host = host.lower().rstrip(".")
-        for san in sans:
-            san = san.lower()
-            if san == host:
-                return True
-            if san.startswith("*.") and host.count(".") == san.count(".") and (
-                host.split(".", 1)[1] == san[2:]
-            ):
-                return True
-        return False
-    return any(_same_ip(ip, san) for san in sans)
-
-
-def _same_ip(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, san: str) -> bool:
-    try:
-        return ipaddress.ip_address(san) == ip
-    except ValueError:
-        return False
-
-
-def _signed_by(cert: x509.Certificate, ca_cert: x509.Certificate) -> bool:
-    try:
-        cert.verify_directly_issued_by(ca_cert)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
-
-
-def server_certificate_problems(
-    ca: x509.Certificate,
-    server: x509.Certificate,
-    host: str | None = None,
-    now: dt.datetime | None = None,
-    ca_label: str = "",
-    server_label: str = "server certificate",
-) -> list[str]:
-    """``certificate_problems`` for loaded certificates; the labels name their origin
-    (e.g. ``ca_label="sites/a/ca.crt"``, ``server_label="server certificate of x:9"``)."""
-    now = now or _now()
-    problems: list[str] = []
-    ca_name = f"CA certificate {ca_label}" if ca_label else "CA certificate"
-    for label, cert in ((ca_name, ca), (server_label, server)):
-        if cert.not_valid_after_utc < now:
-            problems.append(
-                f"{label} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
-            )
-        elif cert.not_valid_before_utc > now:
-            problems.append(
-                f"{label} is not valid before "
-                f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC (check the clock)"
-            )
-    if not _signed_by(server, ca):
-        where = f" in {ca_label}" if ca_label else ""
-        problems.append(
-            f"{server_label} is not signed by the CA{where} "
-            f"(certificate issuer {server.issuer.rfc4514_string()!r}, "
-            f"CA subject {ca.subject.rfc4514_string()!r})"
-        )
-    if host is not None:
-        sans = _san_hosts(server)
-        if not _host_in_sans(host, sans):
-            problems.append(f"host {host} not in certificate SANs {sans} ({server_label})")
-    return problems
-
-
-def certificate_problems(
-    ca_crt: Path | str,
-    server_crt: Path | str,
-    host: str | None = None,
-    now: dt.datetime | None = None,
-) -> list[str]:
-    """Return one-line descriptions of what is wrong with a server certificate.
-
-    Checks that both files load, that neither certificate is expired or not yet valid,
-    that the server certificate is signed by the CA in ``ca_crt``, and (when ``host``
-    is given) that ``host`` is in its SANs. An empty list means no problem found.
-    """
-    problems: list[str] = []
-    certs: list[x509.Certificate] = []
-    for label, path in (("CA certificate", ca_crt), ("server certificate", server_crt)):
-        try:
-            certs.append(_load_cert(path))
-        except FileNotFoundError:
-            problems.append(f"{label} file {path} does not exist")
-        except ValueError as err:
-            problems.append(f"{label} file {path} is not a PEM certificate ({err})")
-    if problems:
-        return problems
-    return server_certificate_problems(
-        certs[0], certs[1], host, now, ca_label=str(ca_crt),
-        server_label=f"server certificate {server_crt}",
-    )
-
-
 # ---------------------------------------------------------------------------- writing
 
 
@@ -444,7 +333,7 @@ def provision(
         ca_key = serialization.load_pem_private_key(ca_key_p.read_bytes(), None)
         if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
             raise ValueError(f"{ca_key_p} is not an EC private key")
-        ca_cert = _load_cert(ca_crt_p)
+        ca_cert = load_cert(ca_crt_p)
     elif not force and (ca_key_p.exists() or ca_crt_p.exists()):
         raise FileExistsError(
             f"only one of {ca_crt_p} and {ca_key_p} exists; restore the other or "
@@ -464,16 +353,16 @@ def provision(
         server_key = loaded
     reissue = force or server_key is None or not srv_crt_p.exists()
     if not reissue:
-        cert = _load_cert(srv_crt_p)
-        sans = _san_hosts(cert)
+        cert = load_cert(srv_crt_p)
+        sans = san_hosts(cert)
         same_key = (
             cert.public_key().public_numbers() == server_key.public_key().public_numbers()
         )
         reissue = (
             not same_key
             or cert.not_valid_after_utc < _now()
-            or not _signed_by(cert, ca_cert)
-            or any(not _host_in_sans(h, sans) for h in hosts)
+            or not signed_by(cert, ca_cert)
+            or any(not host_in_sans(h, sans) for h in hosts)
         )
     if reissue:
         server_cert, new_key = make_server_cert(
@@ -485,7 +374,7 @@ def provision(
             (srv_crt_p, server_cert.public_bytes(serialization.Encoding.PEM), _PUBLIC)
         )
     else:
-        hosts = tuple(_san_hosts(_load_cert(srv_crt_p)))
+        hosts = tuple(san_hosts(load_cert(srv_crt_p)))
 
     sites: dict[str, SiteFiles] = {}
     site_pubs: dict[str, Path] = {}

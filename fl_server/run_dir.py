@@ -95,12 +95,6 @@ class RunDir:
         _atomic_write(self.metrics, "".join(line + "\n" for line in kept))
 
 
-def load_state(path: Path) -> dict:
-    """Weights from a checkpoint of ours or a plain saved state dict (base_checkpoint)."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    return payload["state_dict"] if isinstance(payload, dict) and "state_dict" in payload else payload
-
-
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)

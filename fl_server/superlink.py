@@ -27,27 +27,22 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import tomllib
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 import tomli_w
 
-from fl_server.provision import certificate_problems
-from shared.flower_env import FLOWER_ENV
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+from shared.tls import certificate_problems
+from shared.processes import (
+    ManagedProcess, flower_bin, flower_env, free_port, log_length, port_open, spawn, strip_ansi,
+)
+from shared.wire import pack_arrays, unpack_arrays
 RUN_FINISHED_PREFIX = "finished"
 
 
@@ -62,110 +57,8 @@ class FlwrCliError(RuntimeError):
 # ---------------------------------------------------------------------------- helpers
 
 
-def strip_ansi(text: str) -> str:
-    """Remove the colour codes Flower's logger always writes."""
-    return _ANSI.sub("", text)
-
-
-def flower_bin(name: str) -> str:
-    """Path of a Flower console script, preferring the running interpreter's venv."""
-    local = Path(sys.executable).parent / name
-    if local.exists():
-        return str(local)
-    found = shutil.which(name)
-    if found is None:
-        raise SuperLinkError(
-            f"{name} not found next to {sys.executable} nor on PATH; install flwr 1.42"
-        )
-    return found
-
-
-def flower_env(flwr_home: Path | str, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for Flower processes: own FLWR_HOME, no telemetry, no update check,
-    no runtime dependency installation, and this venv's bin first on PATH (Flower starts
-    ``flower-superexec``/``flwr-clientapp`` by name)."""
-    env = dict(os.environ)
-    env.update(FLOWER_ENV)
-    env.update(
-        FLWR_HOME=str(flwr_home),
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-        PYTHONUNBUFFERED="1",
-    )
-    env.update(extra or {})
-    return env
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def _port_open(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
 def _connect_host(host: str) -> str:
     return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
-
-
-@dataclass
-class ManagedProcess:
-    """A Flower process started in its own process group, with its log file."""
-
-    process: subprocess.Popen
-    log_path: Path
-    stopped_by_us: bool = field(default=False, init=False)
-    _group_killed: bool = field(default=False, init=False, repr=False)
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def is_running(self) -> bool:
-        return self.process.poll() is None
-
-    def log_text(self) -> str:
-        try:
-            return strip_ansi(self.log_path.read_text(errors="replace"))
-        except FileNotFoundError:
-            return ""
-
-    def terminate(self) -> None:
-        """Send SIGTERM to the process group (the process and the SuperExec/app
-        processes it started) without waiting."""
-        self.stopped_by_us = True
-        if self.process.poll() is None:
-            _signal_group(self.process.pid, signal.SIGTERM)
-
-    def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM the process group, wait up to ``timeout`` s, then SIGKILL the group.
-        Returns the exit code. Calling it again does nothing."""
-        if self._group_killed:
-            return self.process.returncode
-        self.terminate()
-        pgid = self.process.pid  # spawn(): the process leads its own group
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            _signal_group(pgid, signal.SIGKILL)
-            self.process.wait(5)
-        # Children (SuperExec, app processes) may outlive the leader for a moment.
-        _signal_group(pgid, signal.SIGKILL)
-        self._group_killed = True
-        return self.process.returncode
-
-    def __enter__(self) -> ManagedProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def stop_all(handles: list[ManagedProcess], timeout: float = 10.0) -> None:
@@ -178,52 +71,6 @@ def stop_all(handles: list[ManagedProcess], timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
         for handle in group:
             handle.stop(max(0.1, deadline - time.monotonic()))
-
-
-def log_length(log_path: Path) -> int:
-    """Length of a log's ANSI-stripped text, to read only what a new process appends."""
-    return len(strip_ansi(log_path.read_text(errors="replace"))) if log_path.exists() else 0
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def spawn(
-    cmd: list[str], log_path: Path, env: dict[str, str], cwd: Path,
-    process_group: int | None = None,
-) -> subprocess.Popen:
-    """Start ``cmd`` in a new session (own process group) with output appended to
-    ``log_path``; with ``process_group``, in that process group of this session instead
-    (0: a new group led by the process)."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    group = {"start_new_session": True} if process_group is None else {"process_group": process_group}
-    with open(log_path, "ab") as log:
-        return subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=env, cwd=cwd, **group,
-        )
-
-
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt like Ctrl-C does (main thread only), so that the
-    operator's and a site's long-running commands stop their processes the same way."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 # ---------------------------------------------------------------------------- SuperLink
@@ -283,7 +130,7 @@ def start_superlink(
         raise SuperLinkError("; ".join(problems))
     if port is None:
         port = free_port(_connect_host(host))
-    elif _port_open(_connect_host(host), port):
+    elif port_open(_connect_host(host), port):
         raise SuperLinkError(f"port {port} on {host} is already in use")
 
     database = state / "superlink.db" if persistent else None
@@ -327,7 +174,7 @@ def _wait_superlink_ready(handle: SuperLinkHandle, timeout: float, offset: int) 
                 f"flower-superlink exited with code {handle.process.returncode}: "
                 + " | ".join(tail)
             )
-        if "Uvicorn running on" in handle.log_text()[offset:] and _port_open(
+        if "Uvicorn running on" in handle.log_text()[offset:] and port_open(
             _connect_host(handle.host), handle.port
         ):
             return
@@ -567,74 +414,6 @@ def stream_run_logs(
 
 
 # ---------------------------------------------------------------------------- ServerApp
-
-PACKED_LAYOUT = "packed-arrays"  # ConfigRecord naming the arrays packed into one buffer
-_PACKED_KEY = "packed"
-_PACKED_STYPE = "fedrndpo.packed"
-
-
-def pack_arrays(content: Any) -> Any:
-    """A RecordDict in which each ArrayRecord is one Array holding the bytes of all its
-    arrays back to back, plus a ConfigRecord ``packed-arrays`` with each array's name,
-    dtype, shape, serialisation and size: the same weights, in a few objects.
-
-    Flower 1.42 moves a message as separate objects (each Array, each 5 MB chunk of it,
-    each record), one HTTP(S) request per object per hop, three hops each way (ServerApp,
-    SuperLink, SuperNode, ClientApp); a UNet's ``state_dict`` of 15-50 tensors is 30-80
-    objects, packed about 6."""
-    from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
-
-    if not content.array_records:
-        return content
-    packed, layout = RecordDict(), {}
-    for name, record in content.items():
-        if name in content.array_records:
-            entries = [[key, arr.dtype, list(arr.shape), arr.stype, len(arr.data)]
-                       for key, arr in record.items()]
-            data = b"".join(arr.data for arr in record.values())
-            packed[name] = ArrayRecord({_PACKED_KEY: Array(dtype="uint8", shape=(len(data),),
-                                                           stype=_PACKED_STYPE, data=data)})
-            layout[name] = entries
-        else:
-            packed[name] = record
-    packed[PACKED_LAYOUT] = ConfigRecord({"layout": json.dumps(layout)})
-    return packed
-
-
-def packed_layout(content: Any) -> dict[str, list] | None:
-    """The layout ``pack_arrays`` recorded, or None for an unpacked RecordDict."""
-    if PACKED_LAYOUT not in content.config_records:
-        return None
-    return json.loads(str(content[PACKED_LAYOUT]["layout"]))
-
-
-def unpack_arrays(content: Any) -> Any:
-    """Undo ``pack_arrays`` (an unpacked RecordDict is returned as it is). Raises
-    ValueError when the buffer does not match its layout."""
-    from flwr.app import Array, ArrayRecord, RecordDict
-
-    layout = packed_layout(content)
-    if layout is None:
-        return content
-    unpacked = RecordDict()
-    for name, record in content.items():
-        if name == PACKED_LAYOUT:
-            continue
-        if name not in layout:
-            unpacked[name] = record
-            continue
-        data = record[_PACKED_KEY].data
-        if len(data) != sum(entry[4] for entry in layout[name]):
-            raise ValueError(f"packed record {name!r}: {len(data)} bytes, layout says "
-                             f"{sum(entry[4] for entry in layout[name])}")
-        arrays, offset = {}, 0
-        for key, dtype, shape, stype, size in layout[name]:
-            arrays[key] = Array(dtype=dtype, shape=tuple(shape), stype=stype,
-                                data=data[offset:offset + size])
-            offset += size
-        unpacked[name] = ArrayRecord(arrays)
-    return unpacked
-
 
 class PollingGrid:
     """The ServerApp's Grid for a deployment: ``send_and_receive`` packs each message's

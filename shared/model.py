@@ -152,3 +152,9 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def load_state(path) -> dict:
+    """Weights from a checkpoint of ours or a plain saved state dict (base_checkpoint)."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    return payload["state_dict"] if isinstance(payload, dict) and "state_dict" in payload else payload

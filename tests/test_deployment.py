@@ -26,6 +26,7 @@ from fl_client.supernode import SENT_LOG
 from fl_server import operator as op
 from fl_server import superlink as sl
 from fl_server.provision import make_site_key, provision
+from shared import wire
 from shared.config import load_consortium, load_site
 from shared.flower_env import FLOWER_ENV
 
@@ -304,19 +305,19 @@ def test_packed_arrays_round_trip_in_fewer_objects():
     def content():
         return RecordDict({"arrays": ArrayRecord(state), "config": ConfigRecord({"phase": "x"})})
 
-    packed = sl.pack_arrays(content())
+    packed = wire.pack_arrays(content())
     assert len(get_all_nested_objects(packed)) <= 6 < 50 < len(get_all_nested_objects(content()))
-    back = sl.unpack_arrays(packed)
+    back = wire.unpack_arrays(packed)
     assert set(back) == {"arrays", "config"} and back["config"]["phase"] == "x"
     restored = back["arrays"].to_torch_state_dict()
     assert list(restored) == list(state) and all(torch.equal(restored[k], state[k]) for k in state)
-    assert sl.unpack_arrays(content())["arrays"].keys() == state.keys()  # unpacked: unchanged
+    assert wire.unpack_arrays(content())["arrays"].keys() == state.keys()  # unpacked: unchanged
 
-    layout = json.loads(str(packed[sl.PACKED_LAYOUT]["layout"]))
+    layout = json.loads(str(packed[wire.PACKED_LAYOUT]["layout"]))
     layout["arrays"][0][4] += 4  # a layout that does not match the buffer
-    packed[sl.PACKED_LAYOUT] = ConfigRecord({"layout": json.dumps(layout)})
+    packed[wire.PACKED_LAYOUT] = ConfigRecord({"layout": json.dumps(layout)})
     with pytest.raises(ValueError, match="bytes, layout says"):
-        sl.unpack_arrays(packed)
+        wire.unpack_arrays(packed)
 
 
 # ---------------------------------------------------------------------------- refusals

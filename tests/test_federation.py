@@ -15,7 +15,7 @@ import torch
 from flwr.clientapp import ClientApp
 
 from fl_client import client_app as our_client
-from fl_server import sim
+from fl_sim import cli as sim
 from shared.config import load_consortium, load_consortium_sites
 
 DEMO = Path(__file__).resolve().parents[1] / "data" / "demo" / "lung_cxr"

@@ -9,12 +9,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fl_server.provision import (
-    certificate_problems,
-    make_ca,
-    make_server_cert,
-    provision,
-)
+from fl_server.provision import make_ca, make_server_cert, provision
+from shared.tls import certificate_problems
 
 SITES = ["hospital-a", "hospital_b"]
 HOSTS = ["fl.example.org", "10.1.2.3"]

@@ -1,0 +1,5 @@
+import sys
+
+from fl_sim.cli import main
+
+sys.exit(main())
