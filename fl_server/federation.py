@@ -1,11 +1,11 @@
 """The consortium's round loop on Flower's Grid: phases, ledger, checks, checkpoints.
 
-`ConsortiumStrategy` is Flower's FedAvg with three changes (DESIGN.md section 4): each site
-gets its own preference settings chosen from the ledger; every update is checked before it is
-averaged; and preference updates are weighted by pairs_used x g(judge reliability), the weight that
-weak judges lose staying on the current global model (`aggregation.damped`). The loop
-in `run_federation` drives supervised then preference rounds, evaluates every round, and
-writes metrics, ledger and a checkpoint after each, so `resume=True` continues a stopped run.
+`ConsortiumStrategy` is a plain class, not a Flower Strategy: it builds each round's messages
+(each site gets its own preference settings chosen from the ledger), checks every update before it
+is averaged, and hands the weighing to `shared.aggregation` (DESIGN.md section 4: pairs_used x
+g(judge reliability), the weight weak judges lose staying on the current global model). The loop in
+`run_federation` drives supervised then preference rounds on Flower's Grid, evaluates every round,
+and writes metrics, ledger and a checkpoint after each, so `resume=True` continues a stopped run.
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
 
-from shared.aggregation import coordinate_median, krum_select, norm_outliers, update_norm, update_problem, weighted_average
+from shared.aggregation import Contribution, combine, norm_outliers, site_weights, update_norm, update_problem
 from shared.config import ConsortiumConfig, PreferenceConfig, to_dict
 from shared.ledger import EXCLUDED, Ledger
 from shared.model import load_state
@@ -45,10 +44,11 @@ class SiteOutcome:
     state: dict | None = None  # the update, dropped once aggregated
 
 
-class ConsortiumStrategy(FedAvg):
+class ConsortiumStrategy:
+    """The server's round policy over Flower's Grid: messages out, checked outcomes in, weights."""
+
     def __init__(self, cfg: ConsortiumConfig, ledger: Ledger, extra_config: dict | None = None):
-        n = cfg.federation.min_sites
-        super().__init__(min_train_nodes=n, min_evaluate_nodes=n, min_available_nodes=n)
+        self.min_available_nodes = cfg.federation.min_sites
         self.cfg = cfg
         self.ledger = ledger
         self.extra_config = extra_config or {}
@@ -143,45 +143,39 @@ class ConsortiumStrategy(FedAvg):
         return outcomes
 
     def aggregate(self, phase: str, outcomes: dict[str, SiteOutcome], global_state: dict) -> tuple[dict, bool]:
-        """The new global weights, and whether they changed this round."""
+        """The new global weights, and whether they changed this round (`aggregation.site_weights`
+        and `aggregation.combine` decide; this only reads the ledger and records the weights)."""
         accepted = sorted((s for s, o in outcomes.items() if o.status == "ok"))
-        reliability = phase == "preference" and self.cfg.aggregation.kind == "reliability"
+        agg = self.cfg.aggregation
+        preference = phase == "preference"
+        contributions = {site: Contribution(
+            examples=outcomes[site].train.get("num-examples", 0.0),
+            judged=preference and outcomes[site].train.get("pairs_used", 1.0) > 0,
+            judge_factor=self.ledger.factor(site),
+            excluded=self.ledger.site(site).state == EXCLUDED,
+        ) for site in accepted}
+        weights = site_weights(contributions, reliability=preference and agg.kind == "reliability",
+                               damped=agg.damped)
         for site in accepted:
-            outcome = outcomes[site]
-            weight = outcome.train.get("num-examples", 0.0)
-            if reliability:
-                if self.ledger.site(site).state == EXCLUDED:
-                    outcome.status = "excluded"
-                weight *= self.ledger.factor(site)
-            outcome.weight = weight
-        total = sum(outcomes[s].weight for s in accepted)
-        kept = 0.0  # weight left on the current global model (aggregation.damped)
-        if reliability and self.cfg.aggregation.damped and total > 0:
-            kept = sum(outcomes[s].train.get("num-examples", 0.0) for s in accepted) - total
-        for site in accepted:
-            outcomes[site].weight = outcomes[site].weight / (total + kept) if total > 0 else 0.0
+            outcomes[site].weight = weights.sites[site]
+        for site in weights.excluded:
+            outcomes[site].status = "excluded"
+            outcomes[site].reason = (f"judge excluded by the ledger: EMA pair accuracy "
+                                     f"{self.ledger.site(site).ema.get('pair_accuracy', float('nan')):.2f} "
+                                     f"< exclude_below {agg.exclude_below:g}")
         if len(accepted) < self.cfg.federation.min_sites:
             log.warning("only %d of the required %d sites replied usefully: global model unchanged",
                         len(accepted), self.cfg.federation.min_sites)
             return global_state, False
-        if total <= 0:
+        if weights.total <= 0:
             log.warning("every aggregation weight is zero this round: global model unchanged")
             return global_state, False
-        contributing = [s for s in accepted if outcomes[s].weight > 0]
-        if phase == "preference" and self.cfg.aggregation.kind == "median":
-            for site in accepted:  # every site that trained on pairs counts once
-                outcomes[site].weight = 1.0 / len(contributing) if site in contributing else 0.0
-            return coordinate_median([outcomes[s].state for s in contributing]), True
-        if phase == "preference" and self.cfg.aggregation.kind == "krum":
-            chosen = contributing[krum_select([outcomes[s].state for s in contributing],
-                                              self.cfg.aggregation.krum_byzantine)]
-            for site in accepted:  # the chosen update is taken whole
-                outcomes[site].weight = 1.0 if site == chosen else 0.0
-            return {k: v.clone() for k, v in outcomes[chosen].state.items()}, True
-        states, weights = [outcomes[s].state for s in contributing], [outcomes[s].weight for s in contributing]
-        if kept > 0:
-            states, weights = states + [global_state], weights + [kept / (total + kept)]
-        return weighted_average(states, weights), True
+        kind = agg.kind if preference and agg.kind in ("median", "krum") else "weighted"
+        state, shares = combine(kind, {s: outcomes[s].state for s in accepted}, weights, global_state,
+                                agg.krum_byzantine)
+        for site in accepted:
+            outcomes[site].weight = shares[site]
+        return state, True
 
 
 def run_federation(

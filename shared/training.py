@@ -116,7 +116,8 @@ def preference_round(
     calibration split, the judge's top pick (what top_bottom and top_identity train toward) does
     not beat the model's own mask by that much mean Dice, following the judge cannot be expected
     to help, and the round takes the control's anchor-only steps instead (metric `gated` 1). The
-    server then weighs the site as it weighs the control: labelled images x the judge's factor.
+    server then weighs the site as it weighs the control: by labelled images, without its judge's
+    factor (`aggregation.site_weights`: the judge steered nothing).
     """
     if cfg.supervise_unlabeled and cfg.method != "none":
         raise ValueError("preference.supervise_unlabeled is the all_labelled control: it needs method none")

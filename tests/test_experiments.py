@@ -126,27 +126,31 @@ def test_tiny_grid_writes_table_csv_and_plots(tmp_path, capsys):
 # (the robust aggregation arm of the grid: aggregation.kind median, Flower's FedMedian maths)
 
 
-def test_coordinate_median_matches_numpy_median():
+def test_median_is_flowers_median():
     import numpy as np
     import torch
 
-    from shared.aggregation import coordinate_median
+    from shared.aggregation import Weights, combine
+
+    def median(updates):
+        weights = Weights({str(i): 1.0 / len(updates) for i in range(len(updates))})
+        return combine("median", {str(i): u for i, u in enumerate(updates)}, weights, updates[0])[0]
 
     # odd count: the middle value per coordinate; an outlier (1000) cannot move it
     updates = [{"w": torch.tensor([1.0, 5.0]), "n": torch.tensor(7)},
                {"w": torch.tensor([2.0, 1000.0]), "n": torch.tensor(8)},
                {"w": torch.tensor([3.0, 4.0]), "n": torch.tensor(9)}]
-    median = coordinate_median(updates)
-    assert median["w"].tolist() == [2.0, 5.0]  # by hand: sorted (1,2,3) and (4,5,1000)
-    assert median["n"].item() == 7  # integer buffers come from the first update
+    got = median(updates)
+    assert got["w"].tolist() == [2.0, 5.0]  # by hand: sorted (1,2,3) and (4,5,1000)
+    assert got["n"].item() == 7  # integer buffers come from the first update
     # even count: numpy's median, the mean of the two middle values (so two updates -> their mean)
     rng = np.random.default_rng(0)
     arrays = [rng.normal(size=(3, 4)).astype(np.float32) for _ in range(4)]
-    got = coordinate_median([{"w": torch.from_numpy(a)} for a in arrays])["w"]
+    got = median([{"w": torch.from_numpy(a)} for a in arrays])["w"]
     assert got.dtype == torch.float32
     np.testing.assert_allclose(got.numpy(), np.median(np.stack(arrays), axis=0), rtol=1e-6)
-    with pytest.raises(ValueError):
-        coordinate_median([])
+    with pytest.raises(ValueError, match="no site has a positive"):
+        combine("median", {"a": updates[0]}, Weights({"a": 0.0}), updates[0])
 
 
 def test_median_aggregation_in_the_strategy(tmp_path):
@@ -175,13 +179,18 @@ def test_median_aggregation_in_the_strategy(tmp_path):
 # ----------------------------------------------------------------------------- Krum aggregation
 
 
-def test_krum_selects_what_flowers_krum_selects():
+def test_krum_keeps_the_update_flowers_krum_selects():
     import numpy as np
     import torch
     from flwr.app import ArrayRecord, RecordDict
     from flwr.serverapp.strategy.multikrum import select_multikrum
 
-    from shared.aggregation import krum_select
+    from shared.aggregation import Weights, combine
+
+    def krum(updates, byzantine):
+        weights = Weights({str(i): 1.0 / len(updates) for i in range(len(updates))})
+        state, shares = combine("krum", {str(i): u for i, u in enumerate(updates)}, weights, updates[0], byzantine)
+        return state, [i for i in range(len(updates)) if shares[str(i)] == 1.0]
 
     rng = np.random.default_rng(3)
     for n, byzantine in [(3, 1), (4, 1), (5, 1), (6, 2)]:
@@ -189,14 +198,13 @@ def test_krum_selects_what_flowers_krum_selects():
             updates = [{"w": torch.from_numpy(rng.normal(size=(4, 3))), "b": torch.from_numpy(rng.normal(size=2) * 3)}
                        for _ in range(n)]
             contents = [RecordDict({"arrays": ArrayRecord(u)}) for u in updates]
-            flower_pick = select_multikrum(contents, byzantine, 1)[0]
-            assert contents[krum_select(updates, byzantine)] is flower_pick
+            flower_pick = contents.index(select_multikrum(contents, byzantine, 1)[0])
+            state, chosen = krum(updates, byzantine)
+            assert chosen == [flower_pick] and torch.equal(state["w"], updates[flower_pick]["w"])
     # an update far from two close ones is never the one kept
     close = [{"w": torch.tensor([0.0, 1.0])}, {"w": torch.tensor([0.1, 1.1])}, {"w": torch.tensor([40.0, -9.0])}]
-    assert krum_select(close, 1) in (0, 1)
-    assert krum_select(close[:1], 1) == 0
-    with pytest.raises(ValueError):
-        krum_select([], 1)
+    assert krum(close, 1)[1] in ([0], [1])
+    assert krum(close[:1], 1)[1] == [0]
 
 
 def test_krum_aggregation_takes_one_update_whole(tmp_path):

@@ -179,3 +179,52 @@ def test_too_few_sites_leave_the_global_model_unchanged():
     before = state()
     new_state, changed = strategy.aggregate("supervised", outcomes, before)
     assert not changed and new_state is before
+
+
+# ----------------------------------------------------------------------------- the weighing policy
+# (shared.aggregation.site_weights: a pure function; expected shares derived by hand)
+
+@pytest.mark.parametrize("reliability, damped, expected_sites, expected_kept", [
+    # judged a: 10 pairs x g 0.5 = 5; anchor-only b: 20 images, no judge factor; excluded c: 0
+    (True, False, {"a": 5 / 25, "b": 20 / 25, "c": 0.0}, 0.0),
+    # damped: the judged updates' lost weight (a: 5, c: 10) stays on the global model: 40 in all
+    (True, True, {"a": 5 / 40, "b": 20 / 40, "c": 0.0}, 15 / 40),
+    # no reliability (supervised round, kind fedavg): examples only, nobody excluded
+    (False, True, {"a": 10 / 40, "b": 20 / 40, "c": 10 / 40}, 0.0),
+])
+def test_site_weights(reliability, damped, expected_sites, expected_kept):
+    from shared.aggregation import Contribution, site_weights
+
+    weights = site_weights({
+        "a": Contribution(10.0, judged=True, judge_factor=0.5),
+        "b": Contribution(20.0, judged=False, judge_factor=0.1),
+        "c": Contribution(10.0, judged=True, judge_factor=0.9, excluded=True),
+    }, reliability, damped)
+    assert weights.sites == pytest.approx(expected_sites)
+    assert weights.kept == pytest.approx(expected_kept)
+    assert weights.total == pytest.approx(1.0)
+    assert weights.excluded == ({"c"} if reliability else set())
+
+
+def test_site_weights_all_zero_is_nothing_to_aggregate():
+    from shared.aggregation import Contribution, site_weights
+
+    weights = site_weights({"a": Contribution(10.0, judged=True, judge_factor=0.0)}, True, True)
+    assert weights.total == 0.0 and weights.sites == {"a": 0.0}
+
+
+def test_anchor_only_updates_are_weighed_without_the_judge_factor():
+    """A gated site (or the method-none control) took anchor-only steps: its judge steered nothing,
+    so neither its factor nor its exclusion damps it; a judged site beside it still is damped."""
+    strategy = ConsortiumStrategy(consortium(aggregation=AggregationConfig(damped=True)), Ledger())
+    strategy.ledger.record_reliability("gated", 2, figures(0.0), AGG)
+    strategy.ledger.record_reliability("gated", 3, figures(0.0), AGG)  # excluded judge
+    strategy.ledger.record_reliability("judged", 2, figures(0.75), AGG)  # g = 0.5
+    outcomes = {"gated": SiteOutcome("gated", train={"num-examples": 10.0, "pairs_used": 0.0, "gated": 1.0},
+                                     state=state(3.0)),
+                "judged": SiteOutcome("judged", train={"num-examples": 10.0, "pairs_used": 10.0}, state=state(6.0))}
+    new_state, changed = strategy.aggregate("preference", outcomes, state(0.0))
+    assert changed and outcomes["gated"].status == "ok"
+    # gated 10, judged 10 x 0.5 = 5, kept on the global model 5: (10*3 + 5*6 + 5*0) / 20
+    assert [outcomes[s].weight for s in ("gated", "judged")] == pytest.approx([0.5, 0.25])
+    assert torch.allclose(new_state["w"], torch.full((2, 3), 3.0))
