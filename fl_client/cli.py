@@ -3,6 +3,7 @@
   fl-client check --site FILE                 validate the site YAML and every data file
   fl-client local --site FILE --rounds N      try the method on this site alone, no server
   fl-client start --site FILE                 join the consortium (a Flower SuperNode)
+  fl-client keygen --site FILE                make this site's key pair; print the public key
 """
 
 from __future__ import annotations
@@ -34,6 +35,15 @@ def main(argv=None) -> int:
     start.add_argument("--site", required=True, type=Path)
     start.add_argument("--superlink", help="server address HOST:PORT (default: from the site's deployment section)")
 
+    keygen = sub.add_parser("keygen", help="make this site's SuperNode key pair (the private key never "
+                            "leaves the site) and print the public key to send to the operator")
+    where = keygen.add_mutually_exclusive_group(required=True)
+    where.add_argument("--site", type=Path, help="site YAML: the key goes to its deployment.private_key")
+    where.add_argument("--name", help="site name, when there is no site YAML yet: writes OUT/NAME_auth")
+    keygen.add_argument("--out", type=Path, help="folder for the key pair with --name (default: .)")
+    keygen.add_argument("--force", action="store_true",
+                        help="replace an existing private key (the operator must register the new public key)")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from shared.config import ConfigError
@@ -43,6 +53,10 @@ def main(argv=None) -> int:
             return cmd_check(args)
         if args.command == "local":
             return cmd_local(args)
+        if args.command == "keygen":
+            from fl_client.keygen import keygen
+
+            return keygen(args.site, args.name, args.out, args.force)
         return cmd_start(args)
     except ConfigError as exc:
         print(f"fl-client: {exc}", file=sys.stderr)

@@ -503,8 +503,9 @@ def diagnose_supernode(
     if "Failed to activate SuperNode" in log or "code: 2004" in log:
         return (
             f"{who} refused by the SuperLink at {superlink_address}: its key "
-            f"{private_key} is not registered (or was revoked). The operator must "
-            f"register {pub} (`flwr supernode register`); a revoked key needs a new key pair"
+            f"{private_key} is not registered (or was revoked). Send {pub} to the operator, "
+            f"who runs `fl-server add-site {site or 'SITE'} --public-key {Path(pub).name}`; a revoked "
+            "key is never accepted again: first make a new pair with `fl-client keygen --force`"
         )
     if "CERTIFICATE_VERIFY_FAILED" in log or "SSL/TLS handshake error" in log:
         problem = check_superlink(superlink_address, ca_cert)
@@ -518,7 +519,7 @@ def diagnose_supernode(
         if _NODE_ID.search(log):
             return (
                 f"{who} was disconnected by the SuperLink at {superlink_address} (HTTP 401 "
-                f"on its next request): its key {private_key} was revoked (unregistered)"
+                f"on its next request): its key {private_key} was revoked (`fl-server revoke`)"
             )
         return f"{who} exited cleanly before connecting (stopped by a signal?)"
     if "Connection refused" in log or "Giving up reconnection" in log:

@@ -1,7 +1,8 @@
 """`fl-server`: what the consortium operator runs.
 
-  fl-server provision --consortium FILE --out DIR   CA, server certificate, one key per site
+  fl-server provision --consortium FILE --out DIR   CA, server certificate, the sites' public keys
   fl-server start --consortium FILE [--resume]      SuperLink with TLS + site authentication, run the rounds
+  fl-server add-site SITE --public-key FILE --consortium FILE   register a site's own key
   fl-server revoke SITE --consortium FILE           refuse a site's key from now on
   fl-server report RUN_DIR                          rebuild RUN_DIR/report.html
   fl-server status RUN_DIR                          print the judge-reliability ledger
@@ -26,6 +27,21 @@ def main(argv=None) -> int:
     provision.add_argument("--consortium", required=True, type=Path)
     provision.add_argument("--out", required=True, type=Path)
     provision.add_argument("--force", action="store_true", help="replace existing keys and certificates")
+    provision.add_argument("--public-key", action="append", metavar="NAME=FILE",
+                           help="a site's public key (the .pub it made with fl-client keygen); repeat per "
+                                "site; sites without one are added later with fl-server add-site")
+    provision.add_argument("--operator-keys", action="store_true",
+                           help="DEMO/TEST ONLY: make each site's private key here and put it in its folder "
+                                "(you then hold every site's secret); by default sites make their own")
+
+    add_site = sub.add_parser("add-site", help="file a site's own public key and register it (now, if the "
+                                               "SuperLink runs, else at the next start)")
+    add_site.add_argument("site", help="the site's name (a new one gets its folder and site.yaml under sites/)")
+    add_site.add_argument("--public-key", required=True, type=Path,
+                          help="the site's .pub file, made at the site with fl-client keygen")
+    add_site.add_argument("--consortium", required=True, type=Path, help="the consortium YAML")
+    add_site.add_argument("--provisioned", type=Path,
+                          help="folder made by fl-server provision --out (default: <run_dir>/../provisioned)")
 
     start = sub.add_parser("start", help="start the SuperLink and run the consortium's rounds")
     start.add_argument("--consortium", required=True, type=Path)
@@ -62,7 +78,7 @@ def main(argv=None) -> int:
             return 0
         from fl_server import operator
 
-        return getattr(operator, f"cmd_{args.command}")(args)
+        return getattr(operator, f"cmd_{args.command.replace('-', '_')}")(args)
     except ConfigError as exc:
         print(f"fl-server: {exc}", file=sys.stderr)
         return 2

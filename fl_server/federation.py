@@ -36,7 +36,7 @@ class SiteOutcome:
     """What the server learned about one site in one round."""
 
     site: str
-    status: str = "ok"  # ok | failed | rejected | excluded
+    status: str = "ok"  # ok | failed | rejected | excluded | revoked (key revoked by the operator)
     reason: str = ""
     train: dict = field(default_factory=dict)
     eval: dict = field(default_factory=dict)
@@ -98,9 +98,13 @@ class ConsortiumStrategy:
             messages.append(Message(content=record, message_type=MessageType.TRAIN, dst_node_id=node_id))
         return messages
 
+    revoked_file: Path | None = None  # the operator's revoked_sites.json (fl-server revoke)
+
     def collect(self, server_round: int, phase: str, sent: list[Message], replies: Iterable[Message],
                 global_state: dict) -> dict[str, SiteOutcome]:
-        """Sort replies into accepted updates and failures/rejections, updating the ledger."""
+        """Sort replies into accepted updates and failures/rejections, updating the ledger. A
+        site whose key the operator revoked (``revoked_file``, read now: a revocation during
+        the round counts) gets status ``revoked``: its update is dropped, and it keeps a row."""
         outcomes: dict[str, SiteOutcome] = {}
         answered = set()
         for reply in replies:
@@ -126,6 +130,7 @@ class ConsortiumStrategy:
             if node not in answered:
                 site = self.node_sites.get(node, f"node-{node}")
                 outcomes[site] = SiteOutcome(site, "failed", f"no reply within {self.cfg.federation.round_timeout:g} s")
+        self._mark_revoked(server_round, outcomes)
 
         accepted = {s: o for s, o in outcomes.items() if o.status == "ok"}
         norms = {s: update_norm(o.state, global_state) for s, o in accepted.items()}
@@ -134,13 +139,24 @@ class ConsortiumStrategy:
             outcomes[site].reason = f"update norm {norms[site]:.3g} is an outlier (median {sorted(norms.values())[len(norms) // 2]:.3g})"
 
         for site, outcome in outcomes.items():
-            if outcome.status in ("failed", "rejected"):
+            if outcome.status in ("failed", "rejected", "revoked"):
                 log.warning("round %d: %s %s: %s", server_round, site, outcome.status, outcome.reason)
                 self.ledger.record_problem(site, server_round, outcome.status)
             elif phase == "preference":
                 figures = {k[len("rel_"):]: v for k, v in outcome.train.items() if k.startswith("rel_")}
                 self.ledger.record_reliability(site, server_round, figures, self.cfg.aggregation)
         return outcomes
+
+    def _mark_revoked(self, server_round: int, outcomes: dict[str, SiteOutcome]) -> None:
+        """Status ``revoked`` (no update, weight 0) for every revoked site this run knows: one
+        that replied (its update is discarded), and one gone since its revocation."""
+        revoked = read_revoked(self.revoked_file)
+        known = set(self.node_sites.values()) | set(self.ledger.sites) | set(outcomes)
+        for site in sorted(revoked & known):
+            old = outcomes.get(site)
+            outcomes[site] = SiteOutcome(site, "revoked", "key revoked by the operator (fl-server revoke)"
+                                         + ("; its update was discarded" if old and old.state is not None else ""),
+                                         train=old.train if old else {})
 
     def aggregate(self, phase: str, outcomes: dict[str, SiteOutcome], global_state: dict) -> tuple[dict, bool]:
         """The new global weights, and whether they changed this round (`aggregation.site_weights`
@@ -186,6 +202,7 @@ def run_federation(
     extra_config: dict | None = None,
     on_round: Callable[[list[dict]], None] | None = None,
     stop_after: int | None = None,
+    revoked_file: Path | None = None,
 ) -> Path:
     """Run (or resume) the consortium's rounds; returns the run directory."""
     from shared.config import load_consortium_sites
@@ -207,6 +224,7 @@ def run_federation(
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     strategy = ConsortiumStrategy(cfg, ledger, extra_config)
+    strategy.revoked_file = revoked_file  # fl-server revoke's list, read in every collect
     total = cfg.supervised.rounds + cfg.preference.rounds
     last = total if stop_after is None else min(total, stop_after)
     reference = None  # the fixed DPO reference under `preference.reference: base`, set at first use
@@ -273,6 +291,7 @@ def _metric_lines(server_round: int, phase: str, outcomes: dict[str, SiteOutcome
         "mean_hd95": _mean([e.get("hd95") for e in evals]),
         "sites_ok": sum(o.status in ("ok", "excluded") for o in outcomes.values()),
         "sites_failed": sum(o.status in ("failed", "rejected") for o in outcomes.values()),
+        "sites_revoked": sum(o.status == "revoked" for o in outcomes.values()),
         "duration_s": round(duration, 2), "aggregated": aggregated,
     })
     return lines
@@ -289,6 +308,18 @@ def _failure(reason: str) -> tuple[str | None, str]:
         return None, lines[-1].strip()[:300] if lines else "client error"
     site, text = found[-1]
     return (None if site == "unknown" else site), text.strip()[:300]
+
+
+def read_revoked(path: Path | None) -> set[str]:
+    """Site names in the operator's revoked_sites.json (site -> revoked key); an unreadable
+    file is logged and counts as none revoked rather than stopping the run."""
+    if path is None or not Path(path).exists():
+        return set()
+    try:
+        return set(json.loads(Path(path).read_text()))
+    except (OSError, ValueError) as err:
+        log.warning("%s: cannot read the revoked sites (%s)", path, err)
+        return set()
 
 
 def _mean(values) -> float | None:

@@ -42,7 +42,9 @@ from fl_server import superlink as sl
 from fl_server.app_dir import write_app_dir
 from fl_server.provision import ProvisionResult, provision
 from shared.config import ConfigError, ConsortiumConfig, load_consortium
-from shared.processes import sigterm_as_interrupt, split_address
+from fl_server.refusals import watch_refusals
+from shared.processes import log_length, sigterm_as_interrupt, split_address
+from shared.site_keys import SiteKeyError, read_public_key
 from shared.tls import certificate_problems
 
 TASK_POLL_INTERVAL = 0.2  # FLWR_SUPEREXEC_TASK_POLL_INTERVAL (Flower's default: 1 s)
@@ -165,18 +167,26 @@ judge:
 deployment:
   superlink: {superlink}   # the consortium server, HOST:PORT
   ca_cert: ca.crt          # the consortium CA (in this folder)
-  private_key: {site}_auth # this site's key (in this folder). SECRET: chmod 600
+  private_key: {site}_auth # made here by `fl-client keygen --site site.yaml`. SECRET: never leaves
   port: 9094               # local ClientApp port; another one per site on a shared machine
 """
 
 
 def provision_consortium(
-    consortium: Path | str, out: Path | str, force: bool = False
+    consortium: Path | str, out: Path | str, force: bool = False,
+    public_keys: dict[str, Path] | None = None, operator_keys: bool = False,
+    extra_sites: tuple[str, ...] = (),
 ) -> tuple[ProvisionResult, list[Path]]:
-    """``provision`` for the consortium YAML, plus each site's ``site.yaml`` skeleton
-    (written when missing, or with ``force``). Returns the result and the YAMLs written."""
+    """``provision`` for the consortium YAML (plus ``extra_sites``), with the sites' own
+    public keys, plus each site's ``site.yaml`` skeleton (written when missing, or with
+    ``force``). Returns the result and the YAMLs written."""
     cfg = load_consortium(consortium)
-    result = provision(out, cfg.name, site_names(cfg), list(cfg.server.hosts), force=force)
+    names = list(dict.fromkeys(site_names(cfg) + list(extra_sites)))
+    try:
+        result = provision(out, cfg.name, names, list(cfg.server.hosts), force=force,
+                           public_keys=public_keys, operator_keys=operator_keys)
+    except ValueError as err:  # a bad public key file, an unknown site: one line
+        raise ConfigError(str(err)) from None
     written = []
     for site, files in result.sites.items():
         target = files.dir / "site.yaml"
@@ -191,18 +201,42 @@ def provision_consortium(
     return result, written
 
 
+def parse_public_keys(items: list[str] | None) -> dict[str, Path]:
+    """``--public-key NAME=FILE`` options as {site: path}; ConfigError on a malformed one."""
+    keys: dict[str, Path] = {}
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--public-key {item}: expected NAME=FILE (the site's name and "
+                              "the .pub file it made with fl-client keygen)")
+        keys[name] = Path(path)
+    return keys
+
+
 def cmd_provision(args) -> int:
-    result, yamls = provision_consortium(args.consortium, args.out, args.force)
+    operator_keys = getattr(args, "operator_keys", False)
+    result, yamls = provision_consortium(args.consortium, args.out, args.force,
+                                         parse_public_keys(getattr(args, "public_key", None)),
+                                         operator_keys)
     out = result.out_dir
     written = sorted(set(result.written) | set(yamls))
     for path in written:
         mode = " (private, 0600)" if path.stat().st_mode & 0o077 == 0 else ""
         _say(f"wrote {path.relative_to(out)}{mode}")
-    kept = [s.private_key for s in result.sites.values() if s.private_key not in written]
+    held = [s for s in result.sites.values() if s.private_key.exists()]
+    kept = [s.private_key for s in held if s.private_key not in written]
     if kept:
         _say(f"kept {len(kept)} existing site key(s) (--force replaces every key)")
+    if held:
+        _say(f"DEMO/TEST ONLY: you hold the private keys of {', '.join(s.name for s in held)} "
+             "(--operator-keys); for real sites let each make its own (fl-client keygen)")
+    waiting = [s for s in result.sites if s not in result.site_public_keys]
+    if waiting:
+        _say(f"no public key yet for {', '.join(waiting)}: each site runs `fl-client keygen "
+             "--site site.yaml` and sends you its .pub; then `fl-server add-site NAME "
+             f"--public-key FILE --consortium {args.consortium} --provisioned {out}`")
     _say(f"{len(result.sites)} site(s) in {out}/sites/: send each site its own folder "
-         f"(ca.crt, key, site.yaml, README.txt); keep {out}/ca/ca.key offline")
+         f"(ca.crt, site.yaml, README.txt); keep {out}/ca/ca.key offline")
     _say(f"server certificate names {', '.join(result.server_hosts)}; next: "
          f"fl-server start --consortium {args.consortium} --provisioned {out}")
     return 0
@@ -230,6 +264,13 @@ def mark_revoked(paths: OperatorPaths, site: str, public_key: str) -> None:
     tmp = paths.flwr_home / f".{REVOKED_FILE}.tmp"
     tmp.write_text(json.dumps(revoked, indent=2, sort_keys=True))
     os.replace(tmp, paths.flwr_home / REVOKED_FILE)
+
+
+def site_key_index(paths: OperatorPaths) -> dict[str, tuple[str, bool]]:
+    """OpenSSH key line -> (site, revoked), for naming the site behind a refused key."""
+    index = {pub.read_text().strip(): (site, False) for site, pub in paths.site_keys().items()}
+    index.update({key: (site, True) for site, key in _revoked(paths).items()})
+    return index
 
 
 def registration_plan(paths: OperatorPaths, connection: str) -> list[tuple[str, str]]:
@@ -268,8 +309,8 @@ def apply_registrations(paths: OperatorPaths, connection: str, say: Say = _say) 
     for site in sorted(revoked):
         pub = paths.site_keys().get(site)
         if pub is not None and pub.read_text().strip() == revoked[site]:
-            say(f"site {site}: revoked, stays refused (to re-admit it: delete "
-                f"sites/{site}/{site}_auth, re-run fl-server provision, send the site its new key)")
+            say(f"site {site}: revoked, stays refused (to re-admit it: the site makes a new key "
+                f"with `fl-client keygen --force`, then fl-server add-site {site} --public-key FILE)")
 
 
 # ---------------------------------------------------------------------------- start
@@ -307,8 +348,10 @@ def start_consortium_superlink(
             private.stop()
     else:
         apply_registrations(paths, connection, say)  # only the "stays refused" notes
+    offset = log_length(state / "superlink.log")
     link = _start_link(paths, state, host or cfg.server.address, port or cfg.server.port,
                        task_poll_interval)
+    watch_refusals(link.log_path, offset, link.is_running, say, lambda: site_key_index(paths))
     sl.write_connection(paths.flwr_home, connection, link.address, paths.ca_cert)
     say(f"SuperLink (TLS, site authentication) on {link.host}:{link.port}; sites connect to "
         f"{superlink_address(cfg) if port is None else link.address}; state in {state}")
@@ -329,7 +372,8 @@ def submit_consortium_run(
     ``extra_config``, keys of app_dir.RUN_CONFIG_DEFAULTS); the run id."""
     app = write_app_dir(run_dir / SUPERLINK_DIR)
     run_config = {"consortium": str(Path(cfg.source_file).resolve()),
-                  "run-dir": str(run_dir.resolve()), "resume": bool(resume), **(extra_config or {})}
+                  "run-dir": str(run_dir.resolve()), "resume": bool(resume),
+                  "revoked-sites": str(paths.flwr_home / REVOKED_FILE), **(extra_config or {})}
     return sl.submit_app(app, paths.flwr_home, connection, run_config)
 
 
@@ -446,6 +490,44 @@ def cmd_revoke(args) -> int:
     paths = operator_paths(cfg, args.provisioned)
     try:
         revoke_site(args.site, paths)
+    except sl.FlwrCliError as err:
+        print(f"fl-server: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------------------- add-site
+
+
+def add_site(consortium: Path | str, provisioned: Path | None, site: str, public_key: Path,
+             say: Say = _say) -> bool:
+    """File the public key a site made (``fl-client keygen``) in the provisioned folder (a
+    new site also gets its folder and site.yaml skeleton) and, when the SuperLink runs,
+    register it now. Returns True when a running SuperLink registered it."""
+    cfg = load_consortium(consortium)
+    paths = operator_paths(cfg, provisioned)
+    try:
+        key = read_public_key(public_key).decode().strip()
+    except SiteKeyError as err:
+        raise ConfigError(str(err)) from None
+    if _revoked(paths).get(site) == key:
+        raise ConfigError(f"{public_key}: this key of site '{site}' was revoked, and Flower never "
+                          "accepts it again; the site makes a new one (fl-client keygen --force)")
+    provision_consortium(consortium, paths.provisioned, public_keys={site: Path(public_key)},
+                         extra_sites=(site,))
+    say(f"site {site}: public key {public_key} filed as {paths.keys_dir / (site + '.pub')}; "
+        f"send the site its folder {paths.provisioned / 'sites' / site} (ca.crt, site.yaml)")
+    current = _default_connection(paths)
+    if current is not None and _reachable(current[1]):
+        apply_registrations(paths, current[0], say)
+        return True
+    say(f"site {site}: no SuperLink running; its key is registered at the next fl-server start")
+    return False
+
+
+def cmd_add_site(args) -> int:
+    try:
+        add_site(args.consortium, args.provisioned, args.site, args.public_key)
     except sl.FlwrCliError as err:
         print(f"fl-server: {err}", file=sys.stderr)
         return 1

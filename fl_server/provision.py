@@ -1,4 +1,9 @@
-"""Provision a consortium: a CA, the SuperLink's TLS certificate, one auth key per site.
+"""Provision a consortium: a CA, the SuperLink's TLS certificate, the sites' public keys.
+
+Each site makes its own auth key pair (``fl-client keygen``) and hands over only the public
+key; ``provision(public_keys=...)`` files it. ``operator_keys=True`` (``fl-server provision
+--operator-keys``) is the old way, for demos and tests only: the operator makes every site's
+private key and ships it, so the operator could impersonate any site.
 
 Pure functions over ``cryptography`` (no Flower import). Layout written by ``provision``::
 
@@ -8,8 +13,8 @@ Pure functions over ``cryptography`` (no Flower import). Layout written by ``pro
       server/supernode_keys/<site>.pub            public keys to register with
                                                   ``flwr supernode register``
       sites/<site>/ca.crt                         CA the SuperNode trusts (--root-certificates)
-      sites/<site>/<site>_auth (0600)             EC private key, OpenSSH format
-      sites/<site>/<site>_auth.pub                its OpenSSH public key
+      sites/<site>/<site>_auth.pub                the site's OpenSSH public key (from the site)
+      sites/<site>/<site>_auth (0600)             only with operator_keys: EC private key
       sites/<site>/README.txt
       sites/<site>/site.yaml                      skeleton written by `fl-server provision`
                                                   (fl_server.operator), not by provision()
@@ -18,9 +23,10 @@ Flower 1.42 has no key list file: with ``--enable-supernode-auth`` the operator 
 each site's public key through the Control API (``flwr supernode register <pub>``), see
 ``fl_server.superlink.register_site_key``.
 
-Re-running reuses every existing private key and only adds what is missing (new sites, a
-server certificate re-issued with the same key when a host was added or it expired);
-``force=True`` regenerates all keys. Every file is written to a temporary name and moved
+Re-running reuses every existing key and only adds what is missing (new sites, a site's
+public key, a server certificate re-issued with the same key when a host was added or it
+expired); ``force=True`` regenerates the CA and server keys (and, with operator_keys, the
+site keys; a site's own public key is kept: only the site can replace it). Every file is written to a temporary name and moved
 into place with ``os.replace``; if writing fails, the files and folders this call created
 are removed again.
 """
@@ -41,12 +47,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from shared.site_keys import AUTH_CURVE, make_site_key, public_line, read_public_key  # noqa: F401
 from shared.tls import host_in_sans, load_cert, san_hosts, signed_by
 
 CA_VALID_DAYS = 3650
 SERVER_VALID_DAYS = 365
 TLS_CURVE = ec.SECP256R1
-AUTH_CURVE = ec.SECP384R1  # Flower's docs use P-384 for SuperNode auth keys
 _SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _PRIVATE = 0o600
 _PUBLIC = 0o644
@@ -57,16 +63,13 @@ Federated segmentation consortium "{consortium}": files for site "{site}"
 
 ca.crt            The consortium's CA certificate. Your SuperNode uses it to check that it
                   talks to the real consortium server (TLS). Not secret.
-{site}_auth       Your site's private key (EC, OpenSSH format). It proves to the server
-                  that a connection comes from your site. SECRET: keep it readable only by
-                  the account that runs fl-client (chmod 600), never email or commit it.
-{site}_auth.pub   The matching public key. The consortium operator has registered it;
-                  if you lose the private key, ask the operator for a new pair.
+{key_note}
 
 Server address(es): {hosts}
 
 To start:
   1. Copy this folder to the machine that runs fl-client.
+     {key_step}
   2. In site.yaml, replace the /path/to/... placeholders with your data folders (the server
      address, ca.crt and {site}_auth are already filled in; see the comments there).
   3. Check your configuration:   fl-client check --site site.yaml
@@ -209,21 +212,51 @@ def make_server_cert(
     return cert, key
 
 
-def make_site_key() -> tuple[bytes, bytes]:
-    """Return (OpenSSH private key, OpenSSH public key) for a new EC P-384 auth key."""
-    key = ec.generate_private_key(AUTH_CURVE())
-    private = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.OpenSSH,
-        serialization.NoEncryption(),
-    )
-    public = key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-    )
-    return private, public + b"\n"
+SITE_KEY_NOTE = """\
+{site}_auth       Your site's private key (EC, OpenSSH format), made HERE by
+                  `fl-client keygen --site site.yaml`. It proves to the server that a
+                  connection comes from your site. SECRET: it never leaves this machine.
+{site}_auth.pub   Its public key: send it to the consortium operator, who runs
+                  `fl-server add-site {site} --public-key {site}_auth.pub`. {status}"""
+OPERATOR_KEY_NOTE = """\
+{site}_auth       DEMO/TEST ONLY: a private key the operator made (--operator-keys). The
+                  operator holds a copy and could act as your site; for real data make
+                  your own: `fl-client keygen --site site.yaml --force`, then send the
+                  new {site}_auth.pub to the operator (fl-server add-site).
+{site}_auth.pub   The matching public key (registered by the operator)."""
 
 
 # ---------------------------------------------------------------------------- checks
+
+
+def _site_public_key(files: SiteFiles, server_pub: Path, given: bytes | None,
+                     operator_keys: bool, renew: bool) -> tuple[bytes | None, bytes | None, bool]:
+    """(the site's public key or None, a new operator-made private key to write or None,
+    whether the operator holds the site's private key).
+
+    The site's own key (``given``) wins; else an operator-made private key already in the
+    site folder (an earlier ``operator_keys`` provision) gives it, replaced when ``renew``;
+    else, with ``operator_keys``, a new pair; else the key filed earlier (``add-site``);
+    else None: the site has no key yet."""
+    held = files.private_key if files.private_key.exists() else None
+    if given is not None:
+        if held is not None and _public_of(held) != given:
+            raise ValueError(f"{held}: an operator-made key that does not match the public key "
+                             f"given for site {files.name!r}; delete it (the site holds its own key now)")
+        return given, None, held is not None
+    if held is not None and not renew:
+        return _public_of(held), None, True
+    if held is not None or operator_keys:
+        private, public = make_site_key()
+        return public, private, True
+    return (server_pub.read_bytes() if server_pub.exists() else None), None, False
+
+
+def _public_of(private_path: Path) -> bytes:
+    key = serialization.load_ssh_private_key(private_path.read_bytes(), None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{private_path} is not an EC private key")
+    return public_line(key.public_key())
 
 
 # ---------------------------------------------------------------------------- writing
@@ -301,12 +334,17 @@ def provision(
     ca_valid_days: int = CA_VALID_DAYS,
     rotate_sites: list[str] | tuple[str, ...] = (),
     include_loopback: bool = True,
+    public_keys: dict[str, Path | str | bytes] | None = None,
+    operator_keys: bool = False,
 ) -> ProvisionResult:
     """Create (or complete) the consortium's certificates and site keys in ``out_dir``.
 
-    Existing private keys are reused unless ``force`` (all keys new) or the site is in
-    ``rotate_sites`` (new auth key for those sites only: Flower never accepts a revoked
-    public key again, so re-admitting a revoked site needs a new key). With
+    ``public_keys`` maps a site to the public key it made (a .pub file or its bytes); a
+    site with none yet gets its folder (CA, README) but no key, and is not registered
+    until ``fl-server add-site`` files its key. Only with ``operator_keys`` are missing
+    site private keys made here (demo/test), new ones for ``force`` or the sites in
+    ``rotate_sites`` (Flower never accepts a revoked public key again, so re-admitting a
+    revoked site needs a new key). With
     ``include_loopback`` the server certificate also names 127.0.0.1 and localhost:
     ``flower-superlink`` starts its own SuperExec, which connects to the SuperLink over
     TLS on the loopback address, so that name must be in the certificate.
@@ -317,6 +355,14 @@ def provision(
     unknown = sorted(set(rotate_sites) - set(site_names))
     if unknown:
         raise ValueError(f"rotate_sites {unknown} are not in site_names {site_names}")
+    if rotate_sites and not operator_keys:
+        raise ValueError("rotate_sites needs operator_keys: a site replaces its own key "
+                         "(fl-client keygen --force), then the operator runs fl-server add-site")
+    given = {site: key if isinstance(key, bytes) else read_public_key(key)
+             for site, key in (public_keys or {}).items()}
+    unknown = sorted(set(given) - set(site_names))
+    if unknown:
+        raise ValueError(f"public keys for {unknown}, which are not in site_names {site_names}")
     out = Path(out_dir).resolve()
     hosts = tuple(dict.fromkeys(
         list(server_hosts) + (["127.0.0.1", "localhost"] if include_loopback else [])
@@ -383,23 +429,28 @@ def provision(
         files = SiteFiles(site, d, d / "ca.crt", d / f"{site}_auth", d / f"{site}_auth.pub",
                           d / "README.txt")
         sites[site] = files
-        site_pubs[site] = srv_dir / "supernode_keys" / f"{site}.pub"
-        if force or site in rotate_sites or not files.private_key.exists():
-            private, public = make_site_key()
-            plan.append((files.private_key, private, _PRIVATE))
-        else:
-            key = serialization.load_ssh_private_key(files.private_key.read_bytes(), None)
-            if not isinstance(key, ec.EllipticCurvePrivateKey):
-                raise ValueError(f"{files.private_key} is not an EC private key")
-            public = key.public_key().public_bytes(
-                serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-            ) + b"\n"
-        for path, data in ((files.public_key, public), (site_pubs[site], public),
-                           (files.ca_cert, ca_pem)):
+        server_pub = srv_dir / "supernode_keys" / f"{site}.pub"
+        public, new_private, operator_made = _site_public_key(
+            files, server_pub, given.get(site), operator_keys,
+            operator_keys and (force or site in rotate_sites))
+        if new_private is not None:
+            plan.append((files.private_key, new_private, _PRIVATE))
+        files_to_write = [(files.ca_cert, ca_pem)]
+        if public is not None:
+            site_pubs[site] = server_pub
+            files_to_write += [(files.public_key, public), (server_pub, public)]
+        for path, data in files_to_write:
             if not path.exists() or path.read_bytes() != data:
                 plan.append((path, data, _PUBLIC))
+        note = (OPERATOR_KEY_NOTE if operator_made else SITE_KEY_NOTE).format(
+            site=site, status="The operator has it on file." if public is not None
+            else "Not registered yet.")
         readme = SITE_README.format(
-            consortium=consortium_name, site=site, hosts=", ".join(server_hosts)
+            consortium=consortium_name, site=site, hosts=", ".join(server_hosts),
+            key_note=note, key_step=(
+                "(Demo keys: this folder already holds your key.)" if operator_made else
+                "Make your key: fl-client keygen --site site.yaml; send "
+                f"{site}_auth.pub to the operator.")
         ).encode()
         if not files.readme.exists() or files.readme.read_bytes() != readme:
             plan.append((files.readme, readme, _PUBLIC))
@@ -410,10 +461,12 @@ def provision(
     writer = _Writer()
     try:
         writer.mkdir(out)
+        writer.mkdir(srv_dir / "supernode_keys")  # sites' public keys; empty until they send them
         for path, data, mode in plan:
             writer.write(path, data, mode)
         for key_path in [ca_key_p, srv_key_p] + [s.private_key for s in sites.values()]:
-            os.chmod(key_path, _PRIVATE)
+            if key_path.exists():
+                os.chmod(key_path, _PRIVATE)
     except BaseException:
         writer.rollback()
         raise

@@ -314,6 +314,8 @@ def _mean_row(glob: dict | None, sites: list[dict]) -> list[str]:
     glob = glob or {}
     if glob.get("sites_ok") is not None or glob.get("sites_failed") is not None:
         status = f"{_fmt(glob.get('sites_ok'))} ok/{_fmt(glob.get('sites_failed'))} failed"
+        if glob.get("sites_revoked"):
+            status += f"/{_fmt(glob['sites_revoked'])} revoked"
     else:
         status = _MISSING
     return [
@@ -371,6 +373,8 @@ def _status_row(name: str, entry: dict, records: list[dict]) -> list[str]:
     seen += [_as_int(r.get("round")) for r in records]
     weights = [r.get("weight") for r in records if _number(r.get("weight")) is not None]
     state = entry.get("state") or next((r["state"] for r in reversed(records) if r.get("state")), None)
+    if entry.get("revoked"):
+        state = f"revoked (round {entry['revoked']})"
     return [
         name,
         _fmt(state),

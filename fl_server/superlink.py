@@ -298,8 +298,8 @@ def register_site_key(
         raise FlwrCliError(
             f"the public key {public_key} of site {site!r} is already known to the "
             "SuperLink (registered under another name, or revoked; a revoked key can "
-            f"never be registered again: issue a new key with "
-            f"provision(..., rotate_sites=[{site!r}]))"
+            f"never be registered again: the site makes a new key with `fl-client keygen "
+            f"--force`, then fl-server add-site {site} --public-key FILE)"
         ) from err
     node_id = int(data["node-id"])
     registry.setdefault(connection, {})[site] = {

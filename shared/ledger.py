@@ -45,6 +45,7 @@ class SiteRecord:
     rejected: int = 0
     last_round: int = 0
     history: list[dict] = field(default_factory=list)
+    revoked: int = 0  # the round its key was first seen revoked (fl-server revoke), 0: never
 
 
 @dataclass
@@ -79,6 +80,8 @@ class Ledger:
         record.last_round = round_number
         if kind == "failed":
             record.failures += 1
+        elif kind == "revoked":
+            record.revoked = record.revoked or round_number
         else:
             record.rejected += 1
 

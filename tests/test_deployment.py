@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -114,7 +115,7 @@ class Procs:
 
 
 def write_site(root: Path, name: str, port: int, superlink: str, key: Path | None = None,
-               ca: Path | None = None, label: str | None = None) -> Path:
+               ca: Path | None = None, label: str | None = None, data: str | None = None) -> Path:
     files = root / "prov" / "sites" / name
     path = root / f"{label or name}.yaml"
     path.write_text(textwrap.dedent(f"""\
@@ -123,7 +124,7 @@ def write_site(root: Path, name: str, port: int, superlink: str, key: Path | Non
         image_size: {IMAGE_SIZE}
         device: cpu
         data:
-          source: {{images: {DEMO / name / 'images'}, masks: {DEMO / name / 'masks'}}}
+          source: {{images: {DEMO / (data or name) / 'images'}, masks: {DEMO / (data or name) / 'masks'}}}
           split: {{labeled: 0.2, calibration: 0.15, unlabeled: 0.45, test: 0.2}}
         judge: {{kind: agreement}}
         deployment:
@@ -135,14 +136,26 @@ def write_site(root: Path, name: str, port: int, superlink: str, key: Path | Non
     return path
 
 
+def _run(env, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([str(a) for a in args], env=env, capture_output=True, text=True, timeout=60)
+
+
 @pytest.fixture(scope="module")
 def consortium(tmp_path_factory):
-    """Site and consortium YAMLs, provisioned with `fl-server provision`."""
+    """Site and consortium YAMLs, provisioned with `fl-server provision`. Each site makes its
+    own key (`fl-client keygen`): montgomery before provision (`--public-key`), shenzhen_a in
+    the folder provision made for it, registered with `fl-server add-site`."""
     root = tmp_path_factory.mktemp("deployment")
     port = sl.free_port()
     env = dict(os.environ, **FLOWER_ENV, FLWR_HOME=str(root / "flwr_home"), OMP_NUM_THREADS="1",
                PYTHONUNBUFFERED="1")
-    sites = [write_site(root, name, sl.free_port(), f"127.0.0.1:{port}") for name in SITES]
+    keygen = _run(env, BIN / "fl-client", "keygen", "--name", "montgomery", "--out", root / "keys")
+    assert keygen.returncode == 0, keygen.stderr
+    own_keys = {"montgomery": root / "keys" / "montgomery_auth",
+                "shenzhen_a": root / "hospital-shenzhen_a" / "shenzhen_a_auth"}
+    sites = [write_site(root, name, sl.free_port(), f"127.0.0.1:{port}", key=own_keys[name]) for name in SITES]
+    # montgomery runs Flower as shipped (the default); shenzhen_a opts in to flower_speedups
+    sites[1].write_text(sites[1].read_text() + "  fast_start: true\n")  # the deployment: block is last
     path = root / "consortium.yaml"
     path.write_text(textwrap.dedent(f"""\
         name: deploy-test
@@ -159,11 +172,18 @@ def consortium(tmp_path_factory):
         federation: {{min_sites: 2, round_timeout: 120}}
         server: {{hosts: [127.0.0.1], address: 127.0.0.1, port: {port}}}
         """))
-    done = subprocess.run([str(BIN / "fl-server"), "provision", "--consortium", str(path), "--out",
-                           str(root / "prov")], env=env, capture_output=True, text=True, timeout=60)
+    done = _run(env, BIN / "fl-server", "provision", "--consortium", path, "--out", root / "prov",
+                "--public-key", f"montgomery={root / 'keys' / 'montgomery_auth.pub'}")
     assert done.returncode == 0, done.stderr
+    shutil.copytree(root / "prov" / "sites" / "shenzhen_a", root / "hospital-shenzhen_a")  # sent to the site
+    made = _run(env, BIN / "fl-client", "keygen", "--site", root / "hospital-shenzhen_a" / "site.yaml")
+    assert made.returncode == 0 and "fl-server add-site shenzhen_a" in made.stdout, made.stderr
+    added = _run(env, BIN / "fl-server", "add-site", "shenzhen_a", "--public-key",
+                 own_keys["shenzhen_a"].with_name("shenzhen_a_auth.pub"), "--consortium", path,
+                 "--provisioned", root / "prov")
+    assert added.returncode == 0 and "registered at the next fl-server start" in added.stdout, added.stderr
     return {"root": root, "path": path, "sites": dict(zip(SITES, sites)), "env": env,
-            "provision_output": done.stdout, "port": port}
+            "provision_output": done.stdout, "port": port, "own_keys": own_keys}
 
 
 @pytest.fixture(scope="module")
@@ -193,13 +213,14 @@ def link(consortium, run):
     `fl-server start` uses, for the refusal tests; and a Procs for their clients."""
     cfg = load_consortium(consortium["path"])
     paths = op.OperatorPaths.of(consortium["root"] / "prov")
+    said: list[str] = []  # what `fl-server start` prints on the operator's console
     handle, connection = op.start_consortium_superlink(
-        cfg, paths, consortium["root"] / "run2", say=lambda text: None,
+        cfg, paths, consortium["root"] / "run2", say=said.append,
         host="127.0.0.1", port=sl.free_port())
     procs = Procs(consortium["root"], consortium["env"])
     try:
         yield {"handle": handle, "connection": connection, "paths": paths, "procs": procs,
-               "address": handle.address}
+               "address": handle.address, "said": said}
     finally:
         procs.stop_all()
         handle.stop()
@@ -209,12 +230,16 @@ def link(consortium, run):
 # ---------------------------------------------------------------------------- provision
 
 
-def test_provision_writes_keys_and_site_yaml(consortium):
+def test_provision_holds_only_public_keys_and_writes_site_yaml(consortium):
     prov = consortium["root"] / "prov"
-    assert "sites/montgomery/montgomery_auth (private, 0600)" in consortium["provision_output"]
+    assert "_auth (private" not in consortium["provision_output"]
+    assert "no public key yet for shenzhen_a" in consortium["provision_output"]
+    assert not list((prov / "sites").rglob("*_auth"))  # the operator never holds a site's private key
     for name in SITES:
         folder = prov / "sites" / name
-        assert (folder / f"{name}_auth").stat().st_mode & 0o777 == 0o600
+        assert consortium["own_keys"][name].stat().st_mode & 0o777 == 0o600
+        assert (prov / "server" / "supernode_keys" / f"{name}.pub").read_text() == \
+            consortium["own_keys"][name].with_name(f"{name}_auth.pub").read_text()
         skeleton = load_site(folder / "site.yaml")  # loads; data paths are placeholders
         assert skeleton.name == name
         assert skeleton.deployment.superlink == f"127.0.0.1:{consortium['port']}"
@@ -223,11 +248,11 @@ def test_provision_writes_keys_and_site_yaml(consortium):
         assert "/path/to/labeled/images" in (folder / "site.yaml").read_text()
         assert "README.txt" in os.listdir(folder)
 
-    key = (prov / "sites" / "montgomery" / "montgomery_auth").read_bytes()
-    again = subprocess.run([str(BIN / "fl-server"), "provision", "--consortium", str(consortium["path"]),
-                            "--out", str(prov)], env=consortium["env"], capture_output=True, text=True)
-    assert again.returncode == 0 and "kept 2 existing site key(s)" in again.stdout
-    assert (prov / "sites" / "montgomery" / "montgomery_auth").read_bytes() == key
+    keys = {p: p.read_bytes() for p in (prov / "server" / "supernode_keys").iterdir()}
+    again = _run(consortium["env"], BIN / "fl-server", "provision", "--consortium", consortium["path"],
+                 "--out", prov)
+    assert again.returncode == 0 and "no public key yet" not in again.stdout, again.stderr
+    assert {p: p.read_bytes() for p in keys} == keys
 
 
 # ---------------------------------------------------------------------------- the run
@@ -336,11 +361,37 @@ def test_unregistered_key_is_refused(consortium, link):
     error = link["procs"].output("client-intruder").strip().splitlines()[-1]
     assert error.startswith("fl-client: SuperNode of site 'montgomery' refused by the SuperLink")
     assert f"its key {key} is not registered (or was revoked)" in error
+    assert "fl-server add-site montgomery --public-key intruder_auth.pub" in error
+    said_within(link, "refused: unregistered SuperNode key (no site has it", 30)
+
+
+def said_within(link, text: str, timeout: float) -> str:
+    """The operator's console line containing ``text``, waited for (the log is followed every 0.5 s)."""
+    deadline = time.monotonic() + timeout
+    while not (found := [line for line in link["said"] if text in line]):
+        assert time.monotonic() < deadline, f"no {text!r} on the operator's console: {link['said']}"
+        time.sleep(0.2)
+    assert "\n" not in found[0]
+    return found[0]
+
+
+def test_site_added_while_the_superlink_runs_connects(consortium, link):
+    root, env = consortium["root"], consortium["env"]
+    assert _run(env, BIN / "fl-client", "keygen", "--name", "latecomer", "--out", root / "keys").returncode == 0
+    added = _run(env, BIN / "fl-server", "add-site", "latecomer", "--public-key", root / "keys" / "latecomer_auth.pub",
+                 "--consortium", consortium["path"], "--provisioned", root / "prov")
+    assert added.returncode == 0 and "site latecomer: key registered" in added.stdout, added.stdout + added.stderr
+    site = write_site(root, "latecomer", sl.free_port(), link["address"], key=root / "keys" / "latecomer_auth",
+                      data="montgomery")
+    link["procs"].start("client-latecomer", str(BIN / "fl-client"), "start", "--site", str(site))
+    link["procs"].wait_for("client-latecomer", "site latecomer: connected", 60)
+    link["procs"].stop("client-latecomer")
 
 
 def test_client_trusting_another_ca_fails_clearly(consortium, link):
     root = consortium["root"]
-    other = provision(root / "other-prov", "Another Consortium", ["montgomery"], ["127.0.0.1"])
+    other = provision(root / "other-prov", "Another Consortium", ["montgomery"], ["127.0.0.1"],
+                      operator_keys=True)
     site = write_site(root, "montgomery", sl.free_port(), link["address"], ca=other.ca_cert,
                       label="wrong-ca")
     proc = link["procs"].start("client-wrong-ca", str(BIN / "fl-client"), "start", "--site", str(site))
@@ -348,6 +399,16 @@ def test_client_trusting_another_ca_fails_clearly(consortium, link):
     error = link["procs"].output("client-wrong-ca").strip().splitlines()[-1]
     assert error.startswith("fl-client: TLS certificate verify failed:")
     assert f"not signed by the CA in {other.ca_cert}" in error
+
+
+def test_plain_text_client_gets_no_answer(link):
+    """A client speaking plain HTTP to the TLS port: the connection is closed unanswered
+    (Flower logs nothing for it, nor for a wrong CA: see fl_server/refusals.py)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", link["handle"].port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/fleet/activate-node HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        assert sock.recv(100) == b""
 
 
 def test_revoked_site_is_refused(consortium, link):
@@ -366,6 +427,9 @@ def test_revoked_site_is_refused(consortium, link):
     assert "the SuperLink dropped this SuperNode" in output and "was revoked" in output
     assert output.strip().splitlines()[-1].startswith(
         "fl-client: SuperNode of site 'shenzhen_a' refused by the SuperLink")
+    assert "fl-server add-site shenzhen_a" in output.strip().splitlines()[-1]
+    said_within(link, "its SuperNode key was unregistered while it was connected (revoked)", 30)
+    said_within(link, "refused: revoked key of site shenzhen_a from 127.0.0.1", 30)
 
     # it stays revoked: a later `fl-server start`, even on a new database, does not register it
     fresh = op.connection_name(root / "run3" / "superlink")

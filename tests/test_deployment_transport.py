@@ -108,8 +108,8 @@ def fed(tmp_path_factory):
     """Provisioned consortium + running SuperLink + two registered SuperNodes."""
     root = tmp_path_factory.mktemp("deploy")
     prov = provision(root / "prov", "Test Consortium", ["alpha", "beta", "gamma"],
-                     ["127.0.0.1"])
-    other = provision(root / "other", "Other Consortium", ["alpha"], ["127.0.0.1"])
+                     ["127.0.0.1"], operator_keys=True)  # test keys: made here, not at sites
+    other = provision(root / "other", "Other Consortium", ["alpha"], ["127.0.0.1"], operator_keys=True)
     app = root / "app"
     app.mkdir()
     (app / "pyproject.toml").write_text(APP_PYPROJECT)

@@ -26,7 +26,8 @@ def _pem(cert):
 
 @pytest.fixture
 def prov(tmp_path):
-    return provision(tmp_path / "out", "Demo Consortium", SITES, HOSTS)
+    """The demo/test layout: the operator makes the sites' keys (operator_keys)."""
+    return provision(tmp_path / "out", "Demo Consortium", SITES, HOSTS, operator_keys=True)
 
 
 def test_files_exist_and_private_keys_are_0600(prov):
@@ -79,11 +80,11 @@ def test_site_keys_are_ec_openssh(prov):
 
 def test_rerun_keeps_keys_and_force_replaces_them(tmp_path, prov):
     before = {p: p.read_bytes() for p in prov.out_dir.rglob("*") if p.is_file()}
-    again = provision(tmp_path / "out", "Demo Consortium", SITES, HOSTS)
+    again = provision(tmp_path / "out", "Demo Consortium", SITES, HOSTS, operator_keys=True)
     assert again.written == []
     assert {p: p.read_bytes() for p in before} == before
 
-    forced = provision(tmp_path / "out", "Demo Consortium", SITES, HOSTS, force=True)
+    forced = provision(tmp_path / "out", "Demo Consortium", SITES, HOSTS, force=True, operator_keys=True)
     for path in [forced.ca_key, forced.server_key, forced.ca_cert, forced.server_cert] + [
         s.private_key for s in forced.sites.values()
     ]:
@@ -96,7 +97,7 @@ def test_rerun_keeps_keys_and_force_replaces_them(tmp_path, prov):
 
 def test_new_site_added_later_keeps_old_ones(tmp_path, prov):
     old = {s: prov.sites[s].private_key.read_bytes() for s in SITES}
-    more = provision(tmp_path / "out", "Demo Consortium", SITES + ["clinic-c"], HOSTS)
+    more = provision(tmp_path / "out", "Demo Consortium", SITES + ["clinic-c"], HOSTS, operator_keys=True)
     assert {s: more.sites[s].private_key.read_bytes() for s in SITES} == old
     assert more.sites["clinic-c"].private_key.is_file()
     assert _mode(more.sites["clinic-c"].private_key) == 0o600
@@ -112,7 +113,7 @@ def test_rotate_one_site_and_add_host_keeps_server_key(tmp_path, prov):
     old_b = prov.sites["hospital_b"].private_key.read_bytes()
     server_key = prov.server_key.read_bytes()
     res = provision(tmp_path / "out", "Demo Consortium", SITES, HOSTS + ["10.9.9.9"],
-                    rotate_sites=["hospital_b"])
+                    rotate_sites=["hospital_b"], operator_keys=True)
     assert res.sites["hospital-a"].private_key.read_bytes() == old_a
     assert res.sites["hospital_b"].private_key.read_bytes() != old_b
     assert res.server_key.read_bytes() == server_key  # cert re-issued, key kept
@@ -188,3 +189,85 @@ def test_certificate_problems_missing_san(tmp_path, prov):
 def test_certificate_problems_missing_file(tmp_path, prov):
     problems = certificate_problems(tmp_path / "nope.crt", prov.server_cert)
     assert problems == [f"CA certificate file {tmp_path / 'nope.crt'} does not exist"]
+
+
+# ---------------------------------------------------------------- sites own their keys
+
+
+def _keygen(*args):
+    from fl_client.cli import main
+
+    return main(["keygen", *map(str, args)])
+
+
+def test_keygen_makes_a_private_key_only_the_site_holds(tmp_path, capsys):
+    assert _keygen("--name", "hospital-a", "--out", tmp_path / "keys") == 0
+    private, public = tmp_path / "keys" / "hospital-a_auth", tmp_path / "keys" / "hospital-a_auth.pub"
+    assert _mode(private) == 0o600 and _mode(public) == 0o644
+    key = serialization.load_ssh_private_key(private.read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP384R1)
+    out = capsys.readouterr().out
+    assert public.read_text().strip() in out and str(public) in out
+    assert "fl-server add-site hospital-a --public-key hospital-a_auth.pub" in out
+
+    before = private.read_bytes()
+    assert _keygen("--name", "hospital-a", "--out", tmp_path / "keys") == 1  # never overwritten
+    assert "a key already exists" in capsys.readouterr().err and private.read_bytes() == before
+    assert _keygen("--name", "hospital-a", "--out", tmp_path / "keys", "--force") == 0
+    assert private.read_bytes() != before
+
+
+def test_provision_files_site_public_keys_and_holds_no_private_key(tmp_path):
+    from shared.site_keys import write_key_pair
+
+    _, pub, line = write_key_pair(tmp_path / "site-a" / "hospital-a_auth")
+    res = provision(tmp_path / "out", "Demo", SITES, HOSTS, public_keys={"hospital-a": pub})
+    assert not list((res.out_dir / "sites").rglob("*_auth"))  # no site private key anywhere
+    assert res.site_public_keys == {"hospital-a": res.out_dir / "server" / "supernode_keys" / "hospital-a.pub"}
+    assert res.site_public_keys["hospital-a"].read_bytes() == line
+    assert "fl-client keygen --site site.yaml" in res.sites["hospital_b"].readme.read_text()
+    # hospital_b sends its key later (what fl-server add-site does): nothing else changes
+    _, pub_b, line_b = write_key_pair(tmp_path / "site-b" / "hospital_b_auth")
+    more = provision(tmp_path / "out", "Demo", SITES, HOSTS, public_keys={"hospital_b": pub_b})
+    assert more.site_public_keys["hospital_b"].read_bytes() == line_b
+    assert more.site_public_keys["hospital-a"].read_bytes() == line  # kept without being given again
+    assert set(more.written) == {more.sites["hospital_b"].public_key, more.site_public_keys["hospital_b"],
+                                 more.sites["hospital_b"].readme}
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"-----BEGIN OPENSSH PRIVATE KEY-----\nxx\n", "this is a PRIVATE key"),
+    (b"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGJm1xmHpHDtN8Z+2mFHXJoZcV5FvLj3mK0wDQxJQdJf\n", "NIST curve"),
+    (b"hello\n", "not an OpenSSH public key"),
+])
+def test_a_bad_public_key_is_one_line_naming_the_file(tmp_path, content, problem):
+    bad = tmp_path / "bad.pub"
+    bad.write_bytes(content)
+    with pytest.raises(ValueError, match=problem) as err:
+        provision(tmp_path / "out", "Demo", SITES, HOSTS, public_keys={"hospital-a": bad})
+    assert str(err.value).startswith(f"{bad}: ") and "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_add_site_files_a_new_site_and_refuses_a_revoked_key(tmp_path):
+    from fl_server import operator as op
+    from shared.config import ConfigError
+    from shared.site_keys import write_key_pair
+
+    consortium = tmp_path / "consortium.yaml"
+    consortium.write_text(f"name: Demo\nrun_dir: {tmp_path / 'run'}\n"
+                          "server: {sites: [hospital-a], hosts: [127.0.0.1]}\n")
+    op.provision_consortium(consortium, tmp_path / "prov")
+    paths = op.OperatorPaths.of(tmp_path / "prov")
+    assert paths.site_keys() == {}  # nobody is registered before sending a key
+    said = []
+    _, pub, line = write_key_pair(tmp_path / "clinic" / "clinic-c_auth")
+    assert op.add_site(consortium, tmp_path / "prov", "clinic-c", pub, say=said.append) is False
+    assert paths.site_keys()["clinic-c"].read_bytes() == line
+    assert (tmp_path / "prov" / "sites" / "clinic-c" / "site.yaml").is_file()
+    assert "registered at the next fl-server start" in said[-1]
+    op.mark_revoked(paths, "clinic-c", line.decode().strip())
+    with pytest.raises(ConfigError, match="was revoked, and Flower never accepts it again"):
+        op.add_site(consortium, tmp_path / "prov", "clinic-c", pub, say=said.append)
+    with pytest.raises(ConfigError, match="expected NAME=FILE"):
+        op.parse_public_keys(["clinic-c"])

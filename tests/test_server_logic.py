@@ -228,3 +228,61 @@ def test_anchor_only_updates_are_weighed_without_the_judge_factor():
     # gated 10, judged 10 x 0.5 = 5, kept on the global model 5: (10*3 + 5*6 + 5*0) / 20
     assert [outcomes[s].weight for s in ("gated", "judged")] == pytest.approx([0.5, 0.25])
     assert torch.allclose(new_state["w"], torch.full((2, 3), 3.0))
+
+
+def fake_reply(node: int, site: str, value: float):
+    """A train reply as collect reads it (a real Message needs a running Flower run)."""
+    content = {"site": {"name": site}, "metrics": {"num-examples": 10.0},
+               "arrays": SimpleNamespace(to_torch_state_dict=lambda: state(value))}
+    return SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: False, content=content)
+
+
+def test_an_update_from_a_site_revoked_during_the_round_is_discarded(tmp_path):
+    from fl_server.federation import _metric_lines
+    from fl_server.report import round_table
+
+    strategy = ConsortiumStrategy(consortium(), Ledger())
+    strategy.revoked_file = tmp_path / "revoked_sites.json"
+    sent = [SimpleNamespace(metadata=SimpleNamespace(dst_node_id=node)) for node in (11, 12)]
+    # the reply left the site before `fl-server revoke`; the server collects it after
+    strategy.revoked_file.write_text(json.dumps({"gone": "ecdsa-sha2-nistp384 AAAA", "stranger": "x"}))
+    outcomes = strategy.collect(1, "supervised", sent, [fake_reply(11, "honest", 1.0), fake_reply(12, "gone", 50.0)],
+                                state())
+    assert outcomes["gone"].status == "revoked" and outcomes["gone"].state is None
+    assert "update was discarded" in outcomes["gone"].reason and "stranger" not in outcomes
+    new_state, changed = strategy.aggregate("supervised", outcomes, state())
+    assert changed and torch.allclose(new_state["w"], torch.full((2, 3), 1.0))  # the honest site only
+    assert outcomes["gone"].weight == 0.0 and strategy.ledger.site("gone").revoked == 1
+
+    # next round its node is gone (unregistered): it keeps a row, status revoked
+    later = strategy.collect(2, "supervised", sent[:1], [fake_reply(11, "honest", 2.0)], state())
+    assert later["gone"].status == "revoked" and later["honest"].status == "ok"
+    lines = _metric_lines(2, "supervised", later, strategy.ledger, True, 1.0)
+    table = round_table(lines)
+    assert any(row.split()[:3] == ["gone", "supervised", "revoked"] for row in table.splitlines())
+    assert "1 ok/0 failed/1 revoked" in table
+
+
+def test_superlink_refusals_are_one_line_each_naming_the_site():
+    """Lines as Flower 1.42's SuperLink wrote them (provoked on loopback)."""
+    from cryptography.hazmat.primitives import serialization
+
+    from fl_server.refusals import RefusalReader
+    from shared.site_keys import make_site_key
+
+    private, public = make_site_key()
+    pem = serialization.load_ssh_private_key(private, None).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    activate = ("\x1b[91mERROR \x1b[0m:     [/v1/fleet/activate-node][ApiError:2004] Attempted to register SuperNode "
+                f"with public key: b'{pem.replace(chr(10), chr(92) + 'n')}', exception: No SuperNode found with the "
+                "given public key.")
+    access = '2026-11-30T18:54:55.861Z INFO [uvicorn.access] 10.0.0.9:35242 - "POST /v1/fleet/activate-node HTTP/1.1" 412'
+    for keys, expected in (({}, "refused: unregistered SuperNode key"),
+                           ({public.decode().strip(): ("gone", True)}, "refused: revoked key of site gone from 10.0.0.9")):
+        reader = RefusalReader(lambda: keys)
+        assert reader.feed(activate) is None
+        assert reader.feed(access).startswith(expected)
+    dropped = '... INFO [uvicorn.access] 127.0.0.1:41932 - "POST /v1/fleet/pull-messages HTTP/1.1" 401'
+    assert "unregistered while it was connected" in RefusalReader(dict).feed(dropped)
+    assert RefusalReader(dict).feed(dropped.replace("pull-messages", "deactivate-node")) is None
+    assert RefusalReader(dict).feed(dropped.replace("401", "200")) is None
