@@ -6,15 +6,66 @@ killed at any point resumes from its last completed round.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from shared.config import ConsortiumConfig, to_dict, to_yaml
 from shared.ledger import Ledger
+
+
+LOCK_FILE = ".lock"
+# Held while a round's checkpoint is written, so that a stop on a signal (fl-sim) waits for
+# ledger.json and the checkpoint to agree instead of leaving one round ahead of the other.
+SAVING = threading.Lock()
+
+
+class RunDirLocked(RuntimeError):
+    """Another live process runs on this run directory."""
+
+
+@contextmanager
+def run_dir_lock(path: Path | str) -> Iterator[Path]:
+    """Hold an flock on ``<run_dir>/.lock`` (with our PID in it) for the whole run, so that two
+    runs never write one run dir; the OS drops it when the process dies, so a crash never
+    leaves a stale lock. Raises RunDirLocked naming the holder's PID."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    lock = path / LOCK_FILE
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by exec'd children
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RunDirLocked(f"{path} is in use by another run (PID {_holder(lock)}, see {lock}); "
+                           "wait for it to end, stop it, or choose another --run-dir") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield lock
+    finally:
+        os.close(fd)  # releases the lock; the file stays (its PID is only read under a lock)
+
+
+def _holder(lock: Path) -> str:
+    """The PID the holder wrote (it may be between locking and writing for a moment)."""
+    for _ in range(20):
+        try:
+            text = lock.read_text().strip()
+        except OSError:
+            text = ""
+        if text:
+            return text
+        time.sleep(0.05)
+    return "unknown"
 
 
 def config_hash(cfg: ConsortiumConfig) -> str:
@@ -52,13 +103,15 @@ class RunDir:
 
     def save_round(self, round_number: int, state: dict, ledger: Ledger, cfg_hash: str) -> None:
         """Checkpoint the global model and ledger after a completed round."""
-        ledger.rounds_completed = round_number
-        ledger.save(self.ledger)
-        payload = {"round": round_number, "state_dict": state, "ledger": ledger.to_dict(), "config_hash": cfg_hash}
-        target = self.checkpoint(round_number)
-        tmp = target.with_suffix(".tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, target)
+        with SAVING:
+            ledger.rounds_completed = round_number
+            ledger.save(self.ledger)
+            payload = {"round": round_number, "state_dict": state, "ledger": ledger.to_dict(),
+                       "config_hash": cfg_hash}
+            target = self.checkpoint(round_number)
+            tmp = target.with_suffix(".tmp")
+            torch.save(payload, tmp)
+            os.replace(tmp, target)
 
     def checkpoint(self, round_number: int) -> Path:
         return self.checkpoints / f"round_{round_number:03d}.pt"

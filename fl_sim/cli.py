@@ -10,8 +10,10 @@ import argparse
 import logging
 import os
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
+from fl_sim.stop import resume_hint, stop_on_signals
 from shared.flower_env import apply_flower_env
 
 
@@ -25,7 +27,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    with ExitStack() as held:  # the run dir lock and our signal handler, until we return
+        return _main(argv, held)
+
+
+def _main(argv, held: ExitStack) -> int:
     args = parse_args(argv)
+    hint = [lambda: "fl-sim: stopped before the run started"]
+    held.callback(stop_on_signals(lambda: hint[0]()))
     apply_flower_env()
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -40,17 +49,27 @@ def main(argv=None) -> int:
         print(f"fl-sim: {exc}", file=sys.stderr)
         return 2
     run_dir = (args.run_dir or cfg.run_dir).resolve()
+    from fl_server.run_dir import RunDirLocked, run_dir_lock
+
+    try:  # before anything reads or starts: a second run on this run dir stops here
+        held.enter_context(run_dir_lock(run_dir))
+    except RunDirLocked as exc:
+        print(f"fl-sim: {exc}", file=sys.stderr)
+        return 2
+    total_rounds = cfg.supervised.rounds + cfg.preference.rounds
+    hint[0] = lambda: resume_hint(args.consortium, run_dir, total_rounds)
     if not args.resume and (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
         print(f"fl-sim: {run_dir} already holds a run: pass --resume, or another --run-dir", file=sys.stderr)
         return 2
-    return run(cfg, sites, run_dir, args.resume, args.cpus)
+    return run(cfg, sites, run_dir, args.resume, args.cpus, stop_hint=hint[0])
 
 
 def run(cfg, sites, run_dir: Path, resume: bool, cpus: int, client_app=None, stop_after: int | None = None,
-        on_round=None) -> int:
+        on_round=None, stop_hint=None) -> int:
     """Simulate the consortium; `client_app` replaces ours (tests inject faults with Flower mods),
     `stop_after` ends the run after that round as if the server had been stopped, `on_round`
-    is called with each round's metric lines in place of printing the round table (benchmarks)."""
+    is called with each round's metric lines in place of printing the round table (benchmarks).
+    With `stop_hint` (fl-sim), SIGINT/SIGTERM end the process at once and print that line."""
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
@@ -78,6 +97,9 @@ def run(cfg, sites, run_dir: Path, resume: bool, cpus: int, client_app=None, sto
           f"{cfg.preference.rounds} preference rounds -> {run_dir}", flush=True)
     # Sites train in parallel, one core each; their torch threads must not oversubscribe.
     os.environ["OMP_NUM_THREADS"] = "1"
+    if stop_hint is not None:
+        _start_ray(cpus)  # ray.init takes SIGTERM for itself: our handler goes back after it
+        stop_on_signals(stop_hint)
     try:
         run_simulation(
             server_app=server_app,
@@ -97,6 +119,20 @@ def run(cfg, sites, run_dir: Path, resume: bool, cpus: int, client_app=None, sto
     report = build_report(run_dir)
     print(f"fl-sim: done. Report: {report}\n        Ledger: fl-server status {run_dir}")
     return 0
+
+
+def _start_ray(cpus: int) -> None:
+    """Start Ray as Flower's RayBackend would (it then skips its own ray.init)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    pythonpath = os.pathsep.join(sys.path)  # the workers import our packages as we do
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    ray.init(num_cpus=max(1, cpus), include_dashboard=False, logging_level=logging.WARNING,
+             log_to_driver=True, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
 
 
 if __name__ == "__main__":

@@ -142,6 +142,39 @@ def signal_group(pgid: int, sig: int) -> None:
         pass
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (children first), from /proc: Ray's raylet starts its
+    workers itself, so they are not in any list we keep. [] where /proc is missing."""
+    tree: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        tree.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in tree.get(todo.pop(0), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_descendants(pid: int | None = None, rounds: int = 3) -> None:
+    """SIGKILL everything below ``pid`` (default: this process), again while a parent that
+    was still alive may have started something new."""
+    pid = os.getpid() if pid is None else pid
+    for _ in range(rounds):
+        found = descendants(pid)
+        if not found:
+            return
+        for child in found:
+            try:
+                os.kill(child, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
 def spawn(
     cmd: list[str], log_path: Path, env: dict[str, str], cwd: Path,
     process_group: int | None = None,
