@@ -16,24 +16,27 @@ from pathlib import Path
 from shared.flower_env import apply_flower_env
 
 
-def main(argv=None) -> int:
-    apply_flower_env()
+SITE_HELP = "this site's YAML (see sites/example-site.yaml; fl-server provision writes one per site)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every option with a help text (tests/test_bad_input.py walks them all)."""
     parser = argparse.ArgumentParser(prog="fl-client", description="Run a hospital site of the consortium.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     check = sub.add_parser("check", help="validate the site YAML and every image and mask it points at")
-    check.add_argument("--site", required=True, type=Path)
+    check.add_argument("--site", required=True, type=Path, help=SITE_HELP)
 
     local = sub.add_parser("local", help="run supervised warm-up and preference rounds on this site alone")
-    local.add_argument("--site", required=True, type=Path)
+    local.add_argument("--site", required=True, type=Path, help=SITE_HELP)
     local.add_argument("--rounds", type=int, default=3, help="preference rounds (default 3)")
     local.add_argument("--consortium", type=Path, help="take model and training settings from this consortium YAML")
     local.add_argument("--supervised-rounds", type=int, help="warm-up rounds (default: the consortium's, else 3)")
     local.add_argument("--checkpoint", type=Path, help="start from these weights instead of a warm-up")
 
     start = sub.add_parser("start", help="start this site's Flower SuperNode against the consortium server")
-    start.add_argument("--site", required=True, type=Path)
-    start.add_argument("--superlink", help="server address HOST:PORT (default: from the site's deployment section)")
+    start.add_argument("--site", required=True, type=Path, help=SITE_HELP)
+    start.add_argument("--superlink", help="consortium server address HOST:PORT (default: deployment.superlink of the site YAML)")
 
     keygen = sub.add_parser("keygen", help="make this site's SuperNode key pair (the private key never "
                             "leaves the site) and print the public key to send to the operator")
@@ -43,8 +46,12 @@ def main(argv=None) -> int:
     keygen.add_argument("--out", type=Path, help="folder for the key pair with --name (default: .)")
     keygen.add_argument("--force", action="store_true",
                         help="replace an existing private key (the operator must register the new public key)")
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv=None) -> int:
+    apply_flower_env()
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from shared.config import ConfigError
 
@@ -64,13 +71,16 @@ def main(argv=None) -> int:
 
 
 def cmd_check(args) -> int:
-    from shared.config import load_site
+    from shared.config import load_site, site_machine_problems
 
     site = load_site(args.site)  # YAML mistakes are reported before torch and MONAI load
+    machine = site_machine_problems(site)  # device and work_dir: fine in the YAML, unusable here
     from shared.data import check_site_data
 
     problems = check_site_data(site)
-    errors = [p for p in problems if p.level == "error"]
+    errors = machine + [p for p in problems if p.level == "error"]
+    for line in machine:
+        print(f"error: {line}")
     for problem in problems:
         print(f"{problem.level}: {problem}")
     if errors:
@@ -84,12 +94,14 @@ def cmd_check(args) -> int:
 def cmd_local(args) -> int:
     from tqdm import tqdm
 
-    from shared.config import ModelConfig, PreferenceConfig, SupervisedConfig, load_consortium, load_site
+    from shared.config import (ModelConfig, PreferenceConfig, SupervisedConfig, load_consortium, load_site,
+                               require_usable_site)
     from shared.data import load_site_data
     from shared.site import evaluate_round, load_model, train_round
     from shared.model import load_state
 
     site = load_site(args.site)
+    require_usable_site(site)  # before the data loads, not a traceback after it
     if args.consortium:
         cfg = load_consortium(args.consortium)
         model_cfg, supervised, preference = cfg.model, cfg.supervised, cfg.preference
@@ -127,7 +139,9 @@ def cmd_local(args) -> int:
 
 def cmd_start(args) -> int:
     from fl_client.start import start_site
+    from shared.config import load_site, require_usable_site
 
+    require_usable_site(load_site(args.site))  # device and work_dir, before any process starts
     return start_site(args.site, args.superlink)
 
 

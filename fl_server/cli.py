@@ -18,14 +18,31 @@ from pathlib import Path
 from shared.flower_env import apply_flower_env
 
 
-def main(argv=None) -> int:
-    apply_flower_env()
+CONSORTIUM_HELP = "the consortium YAML (e.g. sites/demo/consortium.yaml)"
+PROVISIONED_HELP = "folder made by fl-server provision --out (default: <run_dir>/../provisioned)"
+START_DESCRIPTION = """\
+Start the SuperLink (TLS, only provisioned site keys accepted) and run the consortium's rounds.
+
+Where things are set: the consortium YAML's `server:` section gives `address` (interface the
+SuperLink listens on, default 0.0.0.0), `port` (default 8000), `hosts` (names the server
+certificate is valid for, default 127.0.0.1 and localhost; the first is the address written
+into each site's deployment.superlink by provision) and `sites` (site names that get keys,
+default the `name` of each site YAML under `sites:`). Rounds and `min_sites`/`round_timeout`
+come from `supervised:`, `preference:` and `federation:`; `run_dir` from the top level.
+Host, port and sites also go into what provision writes (the certificate, the keys, each
+site.yaml's superlink): after changing them, run provision again."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every option with a help text (tests/test_bad_input.py walks them all)."""
     parser = argparse.ArgumentParser(prog="fl-server", description="Run the consortium server.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     provision = sub.add_parser("provision", help="create the CA, server certificate and site keys")
-    provision.add_argument("--consortium", required=True, type=Path)
-    provision.add_argument("--out", required=True, type=Path)
+    provision.add_argument("--consortium", required=True, type=Path, help=CONSORTIUM_HELP)
+    provision.add_argument("--out", required=True, type=Path,
+                           help="folder to write: ca/ (keep ca.key offline), server/ (SuperLink certificate, site "
+                                "public keys) and sites/<site>/ (its key, the CA, a site.yaml to hand over)")
     provision.add_argument("--force", action="store_true", help="replace existing keys and certificates")
     provision.add_argument("--public-key", action="append", metavar="NAME=FILE",
                            help="a site's public key (the .pub it made with fl-client keygen); repeat per "
@@ -43,24 +60,32 @@ def main(argv=None) -> int:
     add_site.add_argument("--provisioned", type=Path,
                           help="folder made by fl-server provision --out (default: <run_dir>/../provisioned)")
 
-    start = sub.add_parser("start", help="start the SuperLink and run the consortium's rounds")
-    start.add_argument("--consortium", required=True, type=Path)
-    start.add_argument("--provisioned", type=Path, help="folder made by provision (default: <run_dir>/../provisioned)")
-    start.add_argument("--run-dir", type=Path)
-    start.add_argument("--resume", action="store_true")
+    start = sub.add_parser("start", help="start the SuperLink and run the consortium's rounds",
+                           description=START_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    start.add_argument("--consortium", required=True, type=Path,
+                       help=CONSORTIUM_HELP + "; its server: section sets host, port and sites")
+    start.add_argument("--provisioned", type=Path, help=PROVISIONED_HELP)
+    start.add_argument("--run-dir", type=Path,
+                       help="where metrics, ledger, checkpoints and report go (default: run_dir of the YAML)")
+    start.add_argument("--resume", action="store_true",
+                       help="continue the run in --run-dir after its last checkpoint (same consortium YAML)")
 
     revoke = sub.add_parser("revoke", help="refuse a site's key at its next connection")
-    revoke.add_argument("site")
-    revoke.add_argument("--consortium", required=True, type=Path)
-    revoke.add_argument("--provisioned", type=Path)
+    revoke.add_argument("site", help="the site's name, as in the consortium (server.sites or its YAML's name)")
+    revoke.add_argument("--consortium", required=True, type=Path, help=CONSORTIUM_HELP)
+    revoke.add_argument("--provisioned", type=Path, help=PROVISIONED_HELP)
 
     report = sub.add_parser("report", help="rebuild the HTML report of a run directory")
-    report.add_argument("run_dir", type=Path)
+    report.add_argument("run_dir", type=Path, help="a run directory (holds metrics.jsonl)")
 
     status = sub.add_parser("status", help="print the judge-reliability ledger of a run directory")
-    status.add_argument("run_dir", type=Path)
+    status.add_argument("run_dir", type=Path, help="a run directory (holds ledger.json and metrics.jsonl)")
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv=None) -> int:
+    apply_flower_env()
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from shared.config import ConfigError
 

@@ -41,7 +41,7 @@ import yaml
 from fl_server import superlink as sl
 from fl_server.app_dir import write_app_dir
 from fl_server.provision import ProvisionResult, provision
-from shared.config import ConfigError, ConsortiumConfig, load_consortium
+from shared.config import ConfigError, ConsortiumConfig, load_consortium, read_yaml_text
 from fl_server.refusals import watch_refusals
 from shared.processes import log_length, sigterm_as_interrupt, split_address
 from shared.site_keys import SiteKeyError, read_public_key
@@ -114,8 +114,8 @@ def site_names(cfg: ConsortiumConfig) -> list[str]:
     names = []
     for path in cfg.sites:
         try:
-            raw = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError) as exc:
+            raw = yaml.safe_load(read_yaml_text(Path(path)))  # ConfigError when not UTF-8
+        except yaml.YAMLError as exc:
             raise ConfigError(f"{cfg.source_file}: sites: cannot read {path}: {exc}") from None
         if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
             raise ConfigError(f"{path}: name: is required (the site's name in the consortium)")
@@ -399,6 +399,18 @@ def cmd_start(args) -> int:
         return 2
     if args.resume and not has_run:
         _say(f"nothing to resume in {run_dir}: starting a new run")
+    if args.resume and has_run:  # before the SuperLink starts: one line, not the ServerApp's traceback
+        from fl_server.run_dir import ResumeError, RunDir
+
+        try:
+            done = RunDir(run_dir).resume_point(cfg)
+        except ResumeError as exc:
+            print(f"fl-server: {exc}", file=sys.stderr)
+            return 2
+        if done is not None and done >= cfg.supervised.rounds + cfg.preference.rounds:
+            _say(f"{run_dir}: the run is already finished ({done} rounds), nothing to resume; "
+                 f"report: {run_dir / 'report.html'}")
+            return 0
 
     link = None
     run_id = None

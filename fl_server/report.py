@@ -235,6 +235,23 @@ def _site_colors(lines: list[dict]) -> dict[str, str]:
     return {name: f"C{i % 10}" for i, name in enumerate(sorted({str(r["site"]) for r in _site_lines(lines)}))}
 
 
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+_LINESTYLES = ("-", "--", "-.", ":")
+
+
+def _site_styles(lines: list[dict]) -> dict[str, dict]:
+    """Line-plot style per site: colour, hollow marker and line style all differ, markers shrink
+    from site to site and lines are slightly transparent, so two sites with the same values (both
+    at 1.0) stay visible one over the other; the data are drawn where they are, never offset."""
+    styles = {}
+    for i, (name, color) in enumerate(_site_colors(lines).items()):
+        styles[name] = {"color": color, "marker": _MARKERS[i % len(_MARKERS)],
+                        "linestyle": _LINESTYLES[i % len(_LINESTYLES)], "markerfacecolor": "none",
+                        "markersize": max(11 - 1.5 * (i % 5), 4), "markeredgewidth": 1.5,
+                        "linewidth": 1.6, "alpha": 0.85}
+    return styles
+
+
 def _preference_start(lines: list[dict]) -> int | None:
     """The first round whose phase is "preference", or None if there is none yet."""
     rounds = [_as_int(r.get("round")) for r in lines if r.get("phase") == "preference"]
@@ -301,7 +318,7 @@ def _round_row(record: dict) -> list[str]:
         _fmt(_get(record, "eval", "dice")),
         _fmt(_get(record, "eval", "hd95")),
         _fmt(_get(record, "train", "rel_pair_accuracy")),
-        _fmt(_as_int(_get(record, "train", "pairs_used"))),
+        _fmt(_as_count(_get(record, "train", "pairs_used"))),
         _fmt(record.get("weight")),
         _fmt(record.get("state")),
     ] + [_fmt(_number(_get(record, "train", key))) for key in HEADROOM]
@@ -428,12 +445,12 @@ def plot_dice(lines: list[dict]) -> bytes | None:
         return None
     fig = Figure(figsize=(8, 4))
     ax = fig.add_subplot()
-    colors = _site_colors(lines)
-    for name, records in groups.items():
-        ax.plot(rounds, _series(records, rounds, lambda r: _get(r, "eval", "dice")), marker="o",
-                color=colors[name], label=name)
+    styles = _site_styles(lines)
     mean = _series(_global_lines(lines), rounds, lambda r: r.get("mean_dice"))
-    ax.plot(rounds, mean, color="black", linewidth=2.5, marker="s", label="mean")
+    ax.plot(rounds, mean, color="black", linewidth=2.5, alpha=0.35, zorder=1, label="mean")  # under the sites
+    for name, records in groups.items():
+        ax.plot(rounds, _series(records, rounds, lambda r: _get(r, "eval", "dice")), zorder=2,
+                label=name, **styles[name])
     _mark_preference(ax, _preference_start(lines), rounds[-1])
     ax.set(xlabel="round", ylabel="test Dice", title="Test Dice per site")
     ax.set_xticks(rounds)
@@ -452,9 +469,9 @@ def plot_pair_accuracy(lines: list[dict], config: dict) -> bytes | None:
         return None
     fig = Figure(figsize=(8, 4))
     ax = fig.add_subplot()
-    colors = _site_colors(lines)
+    styles = _site_styles(lines)
     for name, series in values.items():
-        ax.plot(rounds, series, marker="o", color=colors[name], label=name)
+        ax.plot(rounds, series, label=name, **styles[name])
         excluded = [(k, v) for k, v, r in zip(rounds, series, _aligned(groups[name], rounds))
                     if r is not None and r.get("state") == "excluded" and not math.isnan(v)]
         if excluded:
@@ -468,7 +485,7 @@ def plot_pair_accuracy(lines: list[dict], config: dict) -> bytes | None:
         ax.axhline(aggregation["probation_below"], color="tab:orange", linestyle="--",
                    label=f"probation threshold ({aggregation['probation_below']:g})")
     ax.set(xlabel="round", ylabel="pair accuracy", title="Judge pair accuracy on calibration pairs "
-           "(x: site excluded)", ylim=(0, 1.02))
+           "(x: site excluded)", ylim=(0, 1.06))  # room for markers at 1.0
     ax.set_xticks(rounds)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", loc="lower left")
@@ -612,13 +629,44 @@ def summary_rows(lines: list[dict], ledger: dict) -> list[list[str]]:
     return rows
 
 
-def problem_rows(lines: list[dict]) -> list[list[str]]:
-    """Site lines whose status is not "ok": round, site, phase, status, reason."""
-    return [
-        [_fmt(r.get("round")), str(r["site"]), _fmt(r.get("phase")), _fmt(r.get("status")), _fmt(r.get("reason"))]
-        for r in _site_lines(lines)
-        if r.get("status") not in (None, "ok")
-    ]
+def problem_rows(lines: list[dict], ledger: dict | None = None, config: dict | None = None) -> list[list[str]]:
+    """Site lines whose status is not "ok": round, site, phase, status, reason (an exclusion
+    always has one: see `_exclusion_reason`)."""
+    rows = []
+    for r in _site_lines(lines):
+        if r.get("status") in (None, "ok"):
+            continue
+        reason = r.get("reason")
+        if not reason and r.get("status") == "excluded":
+            reason = _exclusion_reason(r, ledger or {}, config or {})
+        rows.append([_fmt(r.get("round")), str(r["site"]), _fmt(r.get("phase")), _fmt(r.get("status")),
+                     _fmt(reason)])
+    return rows
+
+
+def _exclusion_reason(record: dict, ledger: dict, config: dict) -> str:
+    """Why the ledger excluded a site, for lines written before the server recorded it: the EMA
+    of the judge's pair accuracy up to that round (from the ledger's history, the config's `ema`)
+    against `exclude_below`, phrased as the server phrases it."""
+    aggregation = config.get("aggregation") if isinstance(config.get("aggregation"), dict) else {}
+    weight = _number(aggregation.get("ema"))
+    weight = 0.5 if weight is None else weight
+    site = ledger.get("sites", {}).get(str(record["site"]))
+    history = site.get("history", []) if isinstance(site, dict) else []
+    ema = None
+    for entry in sorted((h for h in history if isinstance(h, dict)), key=lambda h: _as_int(h.get("round"))):
+        value = _number(entry.get("pair_accuracy"))
+        if _as_int(entry.get("round")) > _as_int(record.get("round")) or not _as_int(entry.get("n_pairs"), 0) \
+                or value is None or math.isnan(value):
+            continue
+        ema = value if ema is None else weight * value + (1 - weight) * ema
+    if ema is None:
+        ema = _number(_get(record, "train", "rel_pair_accuracy"))
+    threshold = _number(aggregation.get("exclude_below"))
+    bound = f" < exclude_below {threshold:g}" if threshold is not None else ""
+    if ema is None or (threshold is not None and ema >= threshold):  # an incomplete history: claim no figure
+        return f"judge excluded by the ledger (state {_fmt(record.get('state'))}{bound.replace(' <', ':', 1)})"
+    return f"judge excluded by the ledger: EMA pair accuracy {ema:.2f}{bound}"
 
 
 def _plot_html(png: bytes | None, alt: str, missing: str) -> str:
@@ -634,7 +682,7 @@ def render_report(run_dir: str | os.PathLike) -> str:
     lines, ledger, config = read_metrics(run_dir), read_ledger(run_dir), read_config(run_dir)
     name = str(config.get("name") or run_dir.name)
     latest = _latest_global(lines)
-    problems = problem_rows(lines)
+    problems = problem_rows(lines, ledger, config)
     summary_header = ["site", "final Dice", "at round", "best Dice", "best round", "final HD95",
                       "state", "EMA pair acc."]
     sections = [
@@ -686,7 +734,7 @@ def build_report(run_dir: str | os.PathLike) -> Path:
     return target
 
 
-def _as_int(value):
-    """Counts travel as floats in Flower's MetricRecord; show them as whole numbers."""
+def _as_count(value):
+    """Counts travel as floats in Flower's MetricRecord; show them as whole numbers (None: absent)."""
     number = _number(value)
     return None if number is None else int(number)

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import yaml
 
 from shared.config import ConsortiumConfig, to_dict, to_yaml
 from shared.ledger import Ledger
@@ -135,6 +136,22 @@ class RunDir:
         self._drop_metrics_after(done)
         return done, payload["state_dict"], Ledger.from_dict(payload["ledger"])
 
+    def resume_point(self, cfg: ConsortiumConfig) -> int | None:
+        """The round a `--resume` would continue after (None: no checkpoint), checked before any
+        process starts; raises ResumeError, one line naming the run dir and what changed, when
+        the last checkpoint was made with another config (`resume` would refuse it mid-start)."""
+        latest = self.latest_checkpoint()
+        if latest is None:
+            return None
+        payload = torch.load(latest, map_location="cpu", weights_only=True)
+        if payload["config_hash"] != config_hash(cfg):
+            changed = _changed_keys(self.path / "config.yaml", cfg)
+            what = f" ({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''} changed)" if changed else ""
+            raise ResumeError(
+                f"{self.path}: its last checkpoint ({latest.name}) was made with a different consortium "
+                f"config{what}; resume with the config it was made with, or start a new --run-dir")
+        return int(payload["round"])
+
     def _drop_metrics_after(self, round_number: int) -> None:
         if not self.metrics.exists():
             return
@@ -146,6 +163,31 @@ class RunDir:
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue  # a line cut short when the server was killed
         _atomic_write(self.metrics, "".join(line + "\n" for line in kept))
+
+
+class ResumeError(ValueError):
+    """Why a run dir cannot be resumed with this config, in one line."""
+
+
+def _changed_keys(saved: Path, cfg: ConsortiumConfig) -> list[str]:
+    """Dotted keys whose value differs between the run's config.yaml and `cfg` (the hash says
+    only *that* it differs); [] when config.yaml is missing or unreadable."""
+    try:
+        old = next(iter(yaml.safe_load_all(saved.read_text(encoding="utf-8"))), None)
+    except (OSError, ValueError, yaml.YAMLError):
+        return []
+    if not isinstance(old, dict):
+        return []
+
+    def diff(a, b, prefix):
+        if isinstance(a, dict) and isinstance(b, dict):
+            return [k for key in sorted(set(a) | set(b), key=str)
+                    for k in diff(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else str(key))]
+        return [] if a == b else [f"{prefix}: {a!r} -> {b!r}"]
+
+    new = to_dict(cfg)
+    old.pop("run_dir", None), new.pop("run_dir", None)
+    return diff(old, new, "")
 
 
 def _atomic_write(path: Path, text: str) -> None:

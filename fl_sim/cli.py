@@ -17,13 +17,18 @@ from fl_sim.stop import resume_hint, stop_on_signals
 from shared.flower_env import apply_flower_env
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """Every option with a help text (tests/test_bad_input.py walks them all)."""
     parser = argparse.ArgumentParser(prog="fl-sim", description=__doc__.splitlines()[0])
     parser.add_argument("--consortium", required=True, type=Path, help="consortium YAML (e.g. sites/demo/consortium.yaml)")
     parser.add_argument("--run-dir", type=Path, help="where the run is written (default: run_dir of the YAML)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="CPU cores the simulation may use")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> int:
@@ -40,11 +45,13 @@ def _main(argv, held: ExitStack) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("flwr").propagate = False  # Flower prints its own INFO lines; no DEBUG echo
 
-    from shared.config import ConfigError, load_consortium, load_consortium_sites
+    from shared.config import ConfigError, load_consortium, load_consortium_sites, require_usable_site
 
     try:
         cfg = load_consortium(args.consortium)
         sites = load_consortium_sites(cfg)
+        for site in sites:  # every simulated site runs here: its device and work_dir must work here
+            require_usable_site(site)
     except ConfigError as exc:
         print(f"fl-sim: {exc}", file=sys.stderr)
         return 2
@@ -61,6 +68,19 @@ def _main(argv, held: ExitStack) -> int:
     if not args.resume and (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
         print(f"fl-sim: {run_dir} already holds a run: pass --resume, or another --run-dir", file=sys.stderr)
         return 2
+    if args.resume:  # before Ray starts: a changed config or a finished run is one line, not 20 s and a traceback
+        from fl_server.run_dir import ResumeError, RunDir
+
+        try:
+            done = RunDir(run_dir).resume_point(cfg)
+        except ResumeError as exc:
+            print(f"fl-sim: {exc}", file=sys.stderr)
+            return 2
+        total = cfg.supervised.rounds + cfg.preference.rounds
+        if done is not None and done >= total:
+            print(f"fl-sim: {run_dir}: the run is already finished ({done} of {total} rounds), nothing to resume; "
+                  f"report: {run_dir / 'report.html'}")
+            return 0
     return run(cfg, sites, run_dir, args.resume, args.cpus, stop_hint=hint[0])
 
 

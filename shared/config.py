@@ -19,6 +19,7 @@ import dataclasses
 import math
 import os
 import re
+import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -389,11 +390,23 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml_text(path: Path) -> str:
+    """The file's text, decoded as UTF-8 whatever the locale; a file saved in another encoding
+    (Latin-1 from an old editor) is a one-line ConfigError naming the byte, not a traceback."""
     try:
-        text = path.read_text()
+        data = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}, "
+                          f"line {line}); save it as UTF-8") from None
+
+
+def _read_yaml(path: Path) -> dict:
+    text = read_yaml_text(path)
     try:
         raw = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as exc:
@@ -545,6 +558,37 @@ def _check_site(cfg: SiteConfig, path: Path) -> None:
             re.compile(groups.pattern)
         except re.error as exc:
             raise ctx.error("data.groups.pattern", f"not a valid regular expression: {exc}") from None
+
+
+def site_machine_problems(site: SiteConfig) -> list[str]:
+    """What the YAML cannot say is wrong on *this* machine: a `device` it lacks and a `work_dir`
+    it cannot write. Checked by `fl-client check` and before `local`/`start`/`fl-sim` do any work,
+    so neither surfaces as a traceback after the data has loaded. Lines are `file: key: problem`."""
+    problems = []
+    where = site.source_file or "<site>"
+    if site.device == "cuda":
+        import torch  # only here: loading a YAML must not need torch
+
+        if not torch.cuda.is_available():
+            problems.append(f"{where}: device: 'cuda' but this machine has no usable CUDA GPU; "
+                            "use auto (CUDA when present, else CPU) or cpu")
+    work_dir = site.work_dir
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=work_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        problems.append(f"{where}: work_dir: {work_dir} is not a writable folder ({exc.strerror or exc}); "
+                        "give a folder this account can create and write")
+    return problems
+
+
+def require_usable_site(site: SiteConfig) -> None:
+    """Raise the first of `site_machine_problems` as a one-line ConfigError."""
+    problems = site_machine_problems(site)
+    if problems:
+        raise ConfigError(problems[0])
 
 
 def _check_consortium(cfg: ConsortiumConfig, path: Path) -> None:

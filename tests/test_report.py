@@ -13,7 +13,10 @@ from PIL import Image
 from fl_server.report import (
     _fmt,
     build_report,
+    _site_styles,
     find_overlays,
+    plot_dice,
+    problem_rows,
     read_config,
     read_ledger,
     read_metrics,
@@ -355,3 +358,76 @@ def test_round_table_marks_a_gated_site():
     rows = {row[0]: row for row in _cells(round_table(lines))[1:]}
     assert rows["montgomery"][2] == "gated"
     assert all(row[2] != "gated" for name, row in rows.items() if name != "montgomery")
+
+
+# ----------------------------------------------------------------------------- exclusions and overlaps
+
+
+def test_an_exclusion_without_a_recorded_reason_gets_one_from_the_ledger():
+    """Runs written before the server recorded a reason: the EMA is recomputed from the ledger's
+    history with the config's `ema`, 0.70 -> 0.61 -> 0.53, and compared with exclude_below."""
+    lines = [_site_line(5, "preference", "jsrt", 0.7, status="excluded", state="excluded",
+                        train={"rel_pair_accuracy": 0.45, "rel_n_pairs": 9}),
+             _site_line(5, "preference", "montgomery", 0.8, status="failed", reason=FAIL_REASON)]
+    history = [{"round": r, "pair_accuracy": a, "n_pairs": 9, "state": "x"}
+               for r, a in ((3, 0.70), (4, 0.52), (5, 0.45), (6, 0.1))]  # round 6: after the line
+    history.insert(1, {"round": 3, "pair_accuracy": 0.0, "n_pairs": 0})  # no pairs: no evidence
+    ledger = {"sites": {"jsrt": {"history": history}}}
+    config = {"aggregation": {"ema": 0.5, "exclude_below": 0.55}}
+    rows = problem_rows(lines, ledger, config)
+    assert rows == [["5", "jsrt", "preference", "excluded", "judge excluded by the ledger: EMA pair accuracy 0.53 "
+                                                              "< exclude_below 0.55"],
+                    ["5", "montgomery", "preference", "failed", FAIL_REASON]]
+    # without a ledger: this round's figure; without anything: the ledger state, never "-"
+    assert problem_rows(lines[:1], {}, config)[0][-1] == ("judge excluded by the ledger: EMA pair accuracy 0.45 "
+                                                          "< exclude_below 0.55")
+    bare = [_site_line(5, "preference", "jsrt", None, status="excluded", state="excluded")]
+    assert problem_rows(bare)[0][-1] == "judge excluded by the ledger (state excluded)"
+
+
+def test_report_gives_every_exclusion_a_reason(run_dir):
+    text = (run_dir / "metrics.jsonl").read_text().replace(f', "reason": "{EXCLUDE_REASON}"', "")
+    (run_dir / "metrics.jsonl").write_text(text)
+    page = _quiet(build_report, run_dir).read_text()
+    assert EXCLUDE_REASON not in page
+    table = page.split("Failures, rejections and exclusions")[1]
+    rows = [re.findall(r"<td[^>]*>(.*?)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", table)]
+    excluded = [row for row in rows if row and row[3] == "excluded"]
+    # the fixture's ledger history stops at round 3 (EMA 0.70): no figure is claimed that contradicts the state
+    assert excluded == [["5", "jsrt", "preference", "excluded",
+                         "judge excluded by the ledger (state excluded: exclude_below 0.55)"]], rows
+
+
+def test_sites_are_drawn_distinctly_so_equal_lines_stay_visible():
+    lines = [_site_line(1, "supervised", f"site{i}", 1.0) for i in range(8)]
+    styles = _site_styles(lines)
+    assert len({(s["marker"], s["linestyle"], s["color"]) for s in styles.values()}) == 8
+    assert len({s["marker"] for s in styles.values()}) == 8
+    assert all(s["markerfacecolor"] == "none" and s["alpha"] < 1 for s in styles.values())
+    sizes = [styles[f"site{i}"]["markersize"] for i in range(3)]
+    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == 3  # a smaller marker inside a larger one
+
+
+def test_overlapping_sites_both_show_in_the_dice_and_accuracy_plots(monkeypatch):
+    """Two sites with identical values every round (both at 1.0): as drawn, their lines differ in
+    marker, line style and size, are see-through, and the mean lies under them, not over them."""
+    import fl_server.report as report
+
+    figures = []
+    monkeypatch.setattr(report, "_figure_png", lambda fig: figures.append(fig) or b"png")
+    lines = []
+    for rnd in range(1, 5):
+        phase = "supervised" if rnd < 3 else "preference"
+        train = {"rel_pair_accuracy": 1.0, "rel_n_pairs": 9}
+        lines += [_site_line(rnd, phase, s, 1.0, state="trusted", train=train) for s in ("a", "b")]
+        lines.append(_global_line(rnd, phase, 1.0))
+    plot_dice(lines), report.plot_pair_accuracy(lines, {})
+    for fig in figures:
+        drawn = {line.get_label(): line for line in fig.axes[0].get_lines()}
+        a, b = drawn["a"], drawn["b"]
+        assert list(a.get_ydata()) == list(b.get_ydata())  # the data are drawn where they are
+        assert a.get_marker() != b.get_marker() and a.get_linestyle() != b.get_linestyle()
+        assert a.get_markersize() > b.get_markersize() and a.get_markerfacecolor() == "none"
+        assert a.get_alpha() < 1 and b.get_alpha() < 1
+        if "mean" in drawn:
+            assert drawn["mean"].get_zorder() < min(a.get_zorder(), b.get_zorder())
