@@ -4,8 +4,11 @@ For each image the model yields
 
 - one mask per test-time augmentation in ``cfg.tta`` (the input is flipped / rotated, the
   logits are mapped back; eval mode, dropout off), labelled ``'tta:<name>'``;
-- ``cfg.mc_samples`` MC-dropout samples (only the dropout layers in train mode; seeded),
-  labelled ``'mc:<i>'``;
+- ``cfg.mc_samples`` MC-dropout samples (seeded), labelled ``'mc:<i>'``: each sample is one
+  draw of the dropout masks, shared by the images of a batch (a forward hook on each
+  ``nn.Dropout``; other dropout kinds run in train mode). Every image still gets ``mc_samples``
+  independent subnetworks; drawing one mask per sample instead of one per image and sample cuts
+  what MC dropout costs on a CPU, the random numbers, by the batch size (``benchmarks/engine.py``);
 - one mask per threshold ``t`` in ``cfg.thresholds``, labelled ``'thr:<t:.2f>'``, of the mean
   foreground probability over all the TTA and MC passes (``threshold_of: mean``) or of the
   identity pass's own probability map (``threshold_of: identity``);
@@ -328,9 +331,7 @@ def _generate(model, images, cfg: ProposalConfig, device: torch.device, seed: in
             passes = [view_logits[name] for name in cfg.tta]
             # --- MC dropout: only the dropout layers in train mode, the samples stacked
             if n_mc:
-                for layer in dropout_layers:
-                    layer.train()
-                with _seeded(device, _batch_seed(seed, index_offset + start)):
+                with _seeded(device, _batch_seed(seed, index_offset + start)), _SharedDropout(dropout_layers, n_mc):
                     out = _forward(model, x.repeat(n_mc, 1, 1, 1), device).float()
                 model.eval()
                 passes.extend(out[i * b : (i + 1) * b] for i in range(n_mc))
@@ -407,6 +408,44 @@ class _seeded:
 
     def __exit__(self, *exc):
         return self._fork.__exit__(*exc)
+
+
+class _SharedDropout:
+    """MC dropout with one mask per sample, shared by the images of the batch.
+
+    The input is ``n_mc`` copies of a batch stacked sample-major. Each ``nn.Dropout`` stays in
+    eval mode (identity) and a forward hook multiplies its output by a (n_mc, 1, ...) keep mask
+    scaled by 1 / (1 - p), broadcast over the batch: the same expectation as dropout, with 1/b
+    of the random numbers. Other dropout kinds (channel-wise, alpha) run in train mode as they are."""
+
+    def __init__(self, layers, n_mc: int):
+        self._n_mc = n_mc
+        self._hooked = [m for m in layers if type(m) is torch.nn.Dropout]
+        self._trained = [m for m in layers if type(m) is not torch.nn.Dropout]
+        self._handles = []
+
+    def _hook(self, module, inputs, output):
+        if module.p == 0:
+            return output
+        if module.p == 1:
+            return torch.zeros_like(output)
+        grouped = output.view(self._n_mc, -1, *output.shape[1:])
+        keep = torch.empty((self._n_mc, 1, *output.shape[1:]), device=output.device, dtype=output.dtype)
+        keep.bernoulli_(1 - module.p).div_(1 - module.p)
+        return (grouped * keep).view_as(output)
+
+    def __enter__(self):
+        for layer in self._trained:
+            layer.train()
+        self._handles = [layer.register_forward_hook(self._hook) for layer in self._hooked]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        for layer in self._trained:
+            layer.eval()
+        return False
 
 
 class _ModeGuard:

@@ -136,6 +136,23 @@ def test_mc_dropout_reproducible_and_diverse():
     assert not torch.equal(a.masks[:, 0], a.masks[:, 1])
 
 
+def test_mc_sample_draws_one_dropout_mask_shared_by_the_batch():
+    """A lone nn.Dropout(0.5) on an all-ones image: logit 2 where kept (mask 1), 0 where dropped
+    (sigmoid 0.5, mask 0), so each MC mask is the keep mask itself. One mask per sample, the same
+    for every image of the batch, a different one for the next sample and the next batch."""
+    model = torch.nn.Sequential(torch.nn.Dropout(0.5))
+    x = torch.ones(4, 1, 16, 16)
+    cfg = ProposalConfig(tta=("identity",), mc_samples=3, thresholds=(), batch_size=6)  # 2 images a batch
+    ps = generate_proposals(model, x, cfg, "cpu", seed=1)
+    mc = ps.masks[:, 1:4].bool()  # (image, sample, h, w)
+    assert torch.equal(ps.masks[:, 0], torch.ones(4, 16, 16, dtype=torch.uint8))  # eval pass: dropout off
+    assert torch.equal(mc[0], mc[1]) and torch.equal(mc[2], mc[3])  # shared within a batch
+    assert not torch.equal(mc[0], mc[2])  # a new draw for the next batch
+    assert not torch.equal(mc[0, 0], mc[0, 1])  # and for each sample
+    assert 0.35 < mc.float().mean() < 0.65
+    assert torch.allclose(ps.pass_probs[:, 1:4].float().max(), torch.sigmoid(torch.tensor(2.0)), atol=1e-3)
+
+
 def test_mc_without_dropout_equals_identity_pass():
     ps = generate_proposals(_unet(dropout=0.0), _images(n=2), ProposalConfig(tta=("identity",), mc_samples=2, thresholds=()), "cpu")
     assert torch.equal(ps.masks[:, 1], ps.masks[:, 0]) and torch.equal(ps.masks[:, 2], ps.masks[:, 0])
