@@ -1,11 +1,14 @@
 """The Flower ClientApp a site runs: straight-line handlers around shared.site.
 
 Settings arrive in three channels (STYLE.md): the site YAML path in `context.node_config`
-(`site-config`; in simulation `partition-id` picks one of the consortium's sites), and the
-per-round settings in the ConfigRecord the server sends. The reply carries the weights, numbers
-and the site's name: never an image, a mask or a per-image score. In deployment every reply is
-also summarised in the site's own `<work_dir>/sent.log` (fl_client.supernode.sent_log_mod), and
-its weights travel packed in one buffer when the server packed its own (packed_arrays_mod).
+(`site-config`; in simulation `partition-id` picks one of the sites fl-sim put in the
+environment, see fl_client.site_context), and the per-round settings in the ConfigRecord the
+server sends; which site this is and where it may write never come from the server. Every
+reply passes fl_client.reply_policy's allowlist (weights, site name, listed scalar metrics; a
+failure as a category and a log id). In deployment every reply is also summarised in the
+site's own `<work_dir>/sent.log` (fl_client.supernode.sent_log_mod, outside the policy so it
+records what left), and its weights travel packed in one buffer when the server packed its
+own (packed_arrays_mod).
 """
 
 from __future__ import annotations
@@ -14,64 +17,64 @@ import functools
 import json
 import resource
 import time
-from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fl_client.reply_policy import SiteFailure, category_of, failing_as, reply_policy_mod
+from fl_client.site_context import overlay_dir, resolve_site
 from fl_client.supernode import packed_arrays_mod, sent_log_mod
-from shared.config import ModelConfig, PreferenceConfig, SupervisedConfig, from_dict, load_site
+from shared.config import ModelConfig, PreferenceConfig, SupervisedConfig, from_dict
+from shared.data import load_site_data
 from shared.site import evaluate_round, save_overlays, train_round
 
-app = ClientApp(mods=[sent_log_mod, packed_arrays_mod])
-
-
-class SiteFailure(RuntimeError):
-    """A handler's failure, phrased `site 'NAME': Error: message` so that the server can record
-    which site failed and why in one line (Flower forwards only the error text)."""
+# sent_log_mod outermost: it only records, and must record the reply the policy let out
+app = ClientApp(mods=[sent_log_mod, reply_policy_mod, packed_arrays_mod])
 
 
 def _named_failures(handler):
+    """Resolve the site (site-side channels only), run the handler, add operational figures;
+    a failure leaves as a SiteFailure category (reply_policy_mod logs the rest locally)."""
     @functools.wraps(handler)
     def run(msg: Message, context: Context) -> Message:
-        name = "unknown"
+        started = time.perf_counter()
+        with failing_as("config"):
+            site = resolve_site(context)
         try:
-            started = time.perf_counter()
-            site = _site(msg.content["config"], context)
-            name = site.name
-            reply = handler(msg, site)
-            # operational figures (this process, not any image): local compute time and memory
-            metrics = reply.content["metrics"]
-            metrics["compute_s"] = time.perf_counter() - started
-            metrics["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            return reply
-        except Exception as exc:
-            first_line = (str(exc).strip().splitlines() or [""])[0]
-            raise SiteFailure(f"site '{name}': {type(exc).__name__}: {first_line}") from exc
+            reply = handler(msg, site, context)
+        except Exception as exc:  # named, so that the server can tell which site failed
+            raise SiteFailure(category_of(exc, "internal"), getattr(exc, "detail", ""), site.name) from exc
+        # operational figures (this process, not any image): local compute time and memory
+        metrics = reply.content["metrics"]
+        metrics["compute_s"] = time.perf_counter() - started
+        metrics["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return reply
 
     return run
 
 
 @app.train()
 @_named_failures
-def train(msg: Message, site) -> Message:
+def train(msg: Message, site, context: Context) -> Message:
     config = msg.content["config"]
-    weights, result = train_round(
-        site,
-        _settings(config, "model", ModelConfig),
-        str(config["phase"]),
-        msg.content["arrays"].to_torch_state_dict(),
-        _settings(config, "supervised", SupervisedConfig),
-        _settings(config, "preference", PreferenceConfig),
-        seed=int(config["seed"]),
-        reference_state=msg.content["reference"].to_torch_state_dict() if "reference" in msg.content.array_records else None,
-    )
-    if "sim-run-dir" in config and result.pairs is not None:  # simulation only: overlays stay local
-        from shared.data import load_site_data
-
-        calibration = load_site_data(site, splits=("calibration",))["calibration"]
-        save_overlays(result.pairs, calibration.images, Path(str(config["sim-run-dir"])) / "overlays",
-                      site.name, int(config["server-round"]))
+    with failing_as("config"):
+        phase = str(config["phase"])
+        settings = [_settings(config, key, cls) for key, cls in
+                    (("model", ModelConfig), ("supervised", SupervisedConfig), ("preference", PreferenceConfig))]
+    with failing_as("data"):
+        splits = load_site_data(site)
+    trained_on = len(splits["labeled"]) + (len(splits["unlabeled"]) if phase == "preference" else 0)
+    if trained_on < site.min_images:  # the weights are an aggregate of these images too
+        raise SiteFailure("too-few-images", f"{phase} round on {trained_on} images; min_images is {site.min_images}")
+    with failing_as("training"):
+        weights, result = train_round(
+            site, settings[0], phase, msg.content["arrays"].to_torch_state_dict(), settings[1], settings[2],
+            seed=int(config["seed"]), splits=splits,
+            reference_state=msg.content["reference"].to_torch_state_dict() if "reference" in msg.content.array_records else None,
+        )
+    overlays = overlay_dir(context)  # simulation only, inside fl-sim's run dir; None in deployment
+    if overlays is not None and result.pairs is not None:
+        save_overlays(result.pairs, splits["calibration"].images, overlays, site.name, int(config["server-round"]))
     metrics = {k: float(v) for k, v in result.metrics.items()}
     metrics["num-examples"] = float(result.num_examples)
     return _reply(msg, site.name, metrics, ArrayRecord(weights))
@@ -79,9 +82,14 @@ def train(msg: Message, site) -> Message:
 
 @app.evaluate()
 @_named_failures
-def evaluate(msg: Message, site) -> Message:
+def evaluate(msg: Message, site, context: Context) -> Message:
     config = msg.content["config"]
-    scores = evaluate_round(site, _settings(config, "model", ModelConfig), msg.content["arrays"].to_torch_state_dict())
+    with failing_as("config"):
+        model_cfg = _settings(config, "model", ModelConfig)
+    with failing_as("data"):
+        splits = load_site_data(site, splits=("test",))
+    with failing_as("evaluation"):  # a test split under min_images: reply_policy withholds the scores
+        scores = evaluate_round(site, model_cfg, msg.content["arrays"].to_torch_state_dict(), splits=splits)
     metrics = {k: float(v) for k, v in scores.items()}
     metrics["num-examples"] = float(scores["n_images"])
     return _reply(msg, site.name, metrics)
@@ -89,16 +97,9 @@ def evaluate(msg: Message, site) -> Message:
 
 @app.query()
 @_named_failures
-def identify(msg: Message, site) -> Message:
+def identify(msg: Message, site, context: Context) -> Message:
     """Tell the server which site this node is, so it can send the site its own settings."""
     return _reply(msg, site.name, {"channels": float(site.channels)})
-
-
-def _site(config: ConfigRecord, context: Context):
-    if "site-config" in context.node_config:
-        return load_site(str(context.node_config["site-config"]))
-    sites = list(config["sim-sites"])  # simulation: the consortium's site list, by partition
-    return load_site(sites[int(context.node_config["partition-id"])])
 
 
 def _settings(config: ConfigRecord, key: str, cls):

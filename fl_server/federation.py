@@ -203,9 +203,10 @@ def run_federation(
     on_round: Callable[[list[dict]], None] | None = None,
     stop_after: int | None = None,
     revoked_file: Path | None = None,
+    sites: list | None = None,
 ) -> Path:
-    """Run (or resume) the consortium's rounds; returns the run directory."""
-    from shared.config import load_consortium_sites
+    """Run (or resume) the consortium's rounds; returns the run directory. `sites`: the resolved
+    site configs to record in config.yaml (a simulation knows them; a deployed server does not)."""
     from shared.site import model_from_config
 
     run = RunDir(run_dir)
@@ -214,7 +215,6 @@ def run_federation(
         done, state, ledger = run.resume(cfg_hash)
         log.info("resuming %s after round %d", run_dir, done)
     else:
-        sites = load_consortium_sites(cfg) if extra_config and "sim-sites" in extra_config else None
         run.start(cfg, sites)
         ledger, done = Ledger(), 0
         torch.manual_seed(cfg.seed)

@@ -100,14 +100,18 @@ def run(cfg, sites, run_dir: Path, resume: bool, cpus: int, client_app=None, sto
 
     if on_round is None:
         on_round = lambda lines: print(round_table(lines), flush=True)  # noqa: E731
-    extra = {"sim-sites": [str(s.source_file) for s in sites], "sim-run-dir": str(run_dir)}
+    # the simulated sites learn which site they are and where they may write from this process's
+    # environment (the engine's workers inherit it), never from the server's messages
+    from fl_client.site_context import sim_environment
+
+    os.environ.update(sim_environment([s.source_file for s in sites], run_dir))
     failure: list[BaseException] = []
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid, context):
         try:
-            run_federation(grid, cfg, run_dir, resume=resume, extra_config=extra, stop_after=stop_after,
+            run_federation(grid, cfg, run_dir, resume=resume, sites=sites, stop_after=stop_after,
                            on_round=on_round)
         except BaseException as exc:  # surfaced after the simulation engine shuts down
             failure.append(exc)

@@ -150,6 +150,9 @@ class SiteConfig:
     channels: int = field(default=1, metadata=_check(lambda v: v in (1, 3), "must be 1 or 3"))
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     device: str = field(default="auto", metadata=_choice(*DEVICES))
+    # no figure computed from fewer images leaves the site (fl_client.reply_policy); never 1:
+    # a "mean" of one image is that image's score
+    min_images: int = field(default=5, metadata=_check(lambda v: v >= 2, "must be >= 2"))
     deployment: DeploymentConfig | None = None
     source_file: Path | None = field(default=None, metadata={"internal": True})
 
