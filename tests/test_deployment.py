@@ -393,7 +393,7 @@ def test_client_trusting_another_ca_fails_clearly(consortium, link):
     other = provision(root / "other-prov", "Another Consortium", ["montgomery"], ["127.0.0.1"],
                       operator_keys=True)
     site = write_site(root, "montgomery", sl.free_port(), link["address"], ca=other.ca_cert,
-                      label="wrong-ca")
+                      label="wrong-ca", key=consortium["own_keys"]["montgomery"])
     proc = link["procs"].start("client-wrong-ca", str(BIN / "fl-client"), "start", "--site", str(site))
     assert proc.wait(60) == 1
     error = link["procs"].output("client-wrong-ca").strip().splitlines()[-1]
@@ -413,7 +413,8 @@ def test_plain_text_client_gets_no_answer(link):
 
 def test_revoked_site_is_refused(consortium, link):
     root, procs = consortium["root"], link["procs"]
-    site = write_site(root, "shenzhen_a", sl.free_port(), link["address"], label="to-revoke")
+    site = write_site(root, "shenzhen_a", sl.free_port(), link["address"], label="to-revoke",
+                      key=consortium["own_keys"]["shenzhen_a"])
     proc = procs.start("client-to-revoke", str(BIN / "fl-client"), "start", "--site", str(site))
     procs.wait_for("client-to-revoke", "site shenzhen_a: connected", 60)
 
