@@ -39,9 +39,9 @@ from shared.processes import sigterm_as_interrupt, split_address
 
 WAIT_TIMEOUT = 600.0  # how long to wait for an unreachable consortium server, seconds
 TASK_POLL_INTERVAL = 0.2  # FLWR_SUPEREXEC_TASK_POLL_INTERVAL (Flower's default: 1 s)
-IDLE_POLL = 0.5  # the SuperNode asks the SuperLink for work this often (Flower: 3 s)
-# Set to 1 to run Flower's SuperNode exactly as shipped (fresh ClientApp process per
-# message, 3 s idle poll), e.g. if a Flower update breaks the tuned launch.
+IDLE_POLL = 0.5  # with deployment.fast_start: the idle SuperNode polls this often (Flower: 3 s)
+# Set to 1 to run Flower's SuperNode with every Flower default (1 s SuperExec poll) and
+# without deployment.fast_start, whatever the site YAML says.
 FLOWER_DEFAULTS_ENV = "FL_CLIENT_FLOWER_DEFAULTS"
 SUPERNODE_DIR = "supernode"  # under work_dir: supernode.log, node_config.toml, FLWR_HOME
 
@@ -164,12 +164,13 @@ def start_site(site_path: Path | str, superlink: str | None = None,
 def _run_supernode(site: SiteConfig, address: str, timeout: float) -> SuperNodeHandle:
     dep = site.deployment
     tuned = os.environ.get(FLOWER_DEFAULTS_ENV, "") not in ("1", "true", "yes")
+    fast = tuned and dep.fast_start  # opt-in: patches Flower internals (fl_client.flower_speedups)
     handle = start_supernode(
         address, dep.ca_cert, dep.private_key, {"site-config": str(site.source_file)},
         clientappio_port=dep.port, work_dir=site.work_dir / SUPERNODE_DIR, site=site.name,
         wait=True, connect_timeout=timeout,
         task_poll_interval=TASK_POLL_INTERVAL if tuned else None,
-        warm_clientapp=tuned, idle_poll=IDLE_POLL if tuned else None,
+        warm_clientapp=fast, idle_poll=IDLE_POLL if fast else None,
     )
     _say(f"site {site.name}: connected to {address} as node {handle.node_id}; log in "
          f"{handle.log_path}, what is sent in {site.work_dir / SENT_LOG}; Ctrl-C stops")

@@ -25,11 +25,10 @@ data itself), and ``packed_arrays_mod`` unpacks the arrays the ServerApp packed 
 buffer and packs the reply's the same way (fewer objects to move, see
 ``shared.wire.pack_arrays``).
 
-Round-trip time (docs/deployment-notes.md): ``start_supernode(..., warm_clientapp=True)``
-runs the SuperNode with ``--isolation process`` and our own SuperExec
-(``run_warm_superexec``), which imports Flower, torch and our ClientApp once and forks a
-child per message instead of starting ``flwr-clientapp`` afresh (3-10 s of imports per
-message); ``idle_poll`` shortens the SuperNode's fixed 3 s wait between polls.
+By default Flower runs as shipped (``flower-supernode``, its own SuperExec), tuned only
+through public settings (``task_poll_interval``). ``warm_clientapp`` / ``idle_poll`` (a
+site's ``deployment.fast_start``) opt in to ``fl_client.flower_speedups``, which patches
+flwr 1.42 internals (docs/deployment-notes.md).
 """
 
 from __future__ import annotations
@@ -37,11 +36,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-import os
 import socket
 import ssl
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -310,10 +307,10 @@ def start_supernode(
     retries (Flower's default: retry forever). With ``wait`` this returns once the
     SuperLink accepted the node, or raises SuperNodeError with a one-line reason.
     ``task_poll_interval`` sets FLWR_SUPEREXEC_TASK_POLL_INTERVAL (how often the
-    SuperExec looks for a ClientApp to launch; Flower's default 1 s). ``warm_clientapp``
-    replaces Flower's SuperExec by ``run_warm_superexec`` (same process group, same log).
-    ``idle_poll`` runs the SuperNode through ``run_flower_supernode``: it asks the
-    SuperLink for work every ``idle_poll`` s when idle, instead of Flower's fixed 3 s.
+    SuperExec looks for a ClientApp to launch; Flower's default 1 s). Opt-in, patching
+    Flower internals (``fl_client.flower_speedups``): ``warm_clientapp`` replaces Flower's
+    SuperExec by ``run_warm_superexec`` (same process group, same log); ``idle_poll`` makes
+    the idle SuperNode ask the SuperLink for work every ``idle_poll`` s instead of 3 s.
     """
     work = Path(work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -326,10 +323,10 @@ def start_supernode(
 
     config_path = work / "node_config.toml"
     config_path.write_text(tomli_w.dumps(node_config))
-    launcher = [flower_bin("flower-supernode")] if idle_poll is None else [
-        sys.executable, "-c",
-        f"from fl_client.supernode import run_flower_supernode; run_flower_supernode({idle_poll!r})",
-    ]
+    if warm_clientapp or idle_poll is not None:
+        from fl_client import flower_speedups
+    launcher = ([flower_bin("flower-supernode")] if idle_poll is None
+                else flower_speedups.supernode_command(idle_poll))
     cmd = [
         *launcher,
         "--superlink", superlink_address,
@@ -357,7 +354,7 @@ def start_supernode(
     )
     if warm_clientapp:
         try:
-            _spawn_warm_superexec(f"127.0.0.1:{port}", process.pid, log_path, env, work)
+            flower_speedups.spawn_warm_superexec(f"127.0.0.1:{port}", process.pid, log_path, env, work)
         except BaseException:
             handle.stop()
             raise
@@ -368,125 +365,6 @@ def start_supernode(
             handle.stop()
             raise
     return handle
-
-
-class _ShorterSleeps:
-    """Stands in for the ``time`` module of ``flwr.supernode.start_client_internal``:
-    every ``sleep`` there lasts at most ``limit`` seconds."""
-
-    def __init__(self, limit: float) -> None:
-        self.limit = limit
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(time, name)
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(min(seconds, self.limit))
-
-
-def run_flower_supernode(idle_poll: float) -> None:
-    """``flower-supernode`` (arguments from ``sys.argv``) whose main loop, when no message
-    is waiting, asks the SuperLink again after ``idle_poll`` s instead of a hard-coded
-    ``time.sleep(3)`` (flwr 1.42), and checks for the ClientApp's reply as often (0.5 s).
-    Each idle poll is one small HTTPS request to the SuperLink."""
-    from flwr.supernode import start_client_internal as loop
-    from flwr.supernode.cli import flower_supernode
-
-    loop.time = _ShorterSleeps(idle_poll)
-    sys.argv[0] = "flower-supernode"
-    sys.exit(flower_supernode())
-
-
-def _spawn_warm_superexec(
-    runtime_address: str, supernode_pid: int, log_path: Path, env: dict[str, str], cwd: Path
-) -> subprocess.Popen:
-    """Start ``run_warm_superexec`` in the SuperNode's process group (stopped with it),
-    its output appended to the SuperNode's log."""
-    code = ("from fl_client.supernode import run_warm_superexec; "
-            f"run_warm_superexec({runtime_address!r}, {supernode_pid})")
-    return spawn([sys.executable, "-c", code], log_path, env, cwd, process_group=supernode_pid)
-
-
-def run_warm_superexec(runtime_address: str, supernode_pid: int, timeout: float = 60.0) -> None:
-    """Flower's SuperExec loop (``flwr.supercore.superexec.run_superexec``) with an
-    executor that forks this process for each ClientApp task, the child running Flower's
-    own ``run_clientapp``. Flower, torch, MONAI and our ClientApp are imported here once,
-    so a message no longer waits for a fresh ``flwr-clientapp`` to import them. Each child
-    starts from this pristine process: nothing carries over from one message to the next.
-
-    Written against flwr 1.42 internals (the executor factory, ``run_clientapp``); exits
-    when the SuperNode ``supernode_pid`` does."""
-    import fl_client.client_app  # noqa: F401  the ClientApp and everything it imports
-    import torch._dynamo  # noqa: F401  imported by the first torch.optim optimizer: 2-6 s
-    from flwr.supercore.constant import TaskType
-    from flwr.supercore.inflatable import inflatable_utils
-    from flwr.supercore.superexec import run_superexec as superexec
-    from flwr.supercore.superexec.executor import SubprocessExecutor
-    from flwr.supercore.superexec.executor.types import ExecutionSpec, LaunchResult
-    from flwr.supernode.runtime.run_clientapp import run_clientapp
-
-    class ForkExecutor(SubprocessExecutor):
-        """Fork for a ClientApp task; anything else as Flower's subprocess executor."""
-
-        def launch(self, spec: ExecutionSpec) -> LaunchResult:
-            if spec.task_type != TaskType.CLIENT_APP or not spec.insecure:
-                return super().launch(spec)
-            if os.fork() == 0:  # the child never returns into the SuperExec loop
-                code = 1
-                try:
-                    run_clientapp(runtime_api_address=spec.runtime_api_address, token=spec.token,
-                                  insecure=True, parent_pid=spec.parent_pid)
-                    code = 0
-                except SystemExit as exc:  # Flower ends every task with sys.exit
-                    code = exc.code if isinstance(exc.code, int) else 1
-                except BaseException:  # noqa: BLE001
-                    import traceback
-
-                    traceback.print_exc()
-                finally:
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                    os._exit(code)
-            return LaunchResult.accepted()
-
-        def reconcile(self) -> None:
-            """Reap finished children."""
-            try:
-                while os.waitpid(-1, os.WNOHANG)[0] > 0:
-                    pass
-            except ChildProcessError:
-                pass
-
-    host, port = split_address(runtime_address)
-    deadline = time.monotonic() + timeout
-    while not _port_listening(host, port):  # the SuperNode opens its Runtime API first
-        if time.monotonic() > deadline or not _pid_alive(supernode_pid):
-            sys.exit(f"warm SuperExec: no SuperNode Runtime API on {runtime_address}")
-        time.sleep(0.1)
-    superexec.get_executor = lambda *args, **kwargs: ForkExecutor()
-    # A forked ClientApp asks the SuperNode for the message's arrays while the SuperNode is
-    # still receiving them; Flower then backs off 1 s, 2 s, ... before asking again.
-    inflatable_utils.pull_objects.__kwdefaults__.update(initial_backoff=0.05, backoff_cap=0.2)
-    superexec.run_superexec(runtime_api_address=runtime_address, insecure=True,
-                            parent_pid=supernode_pid)
-
-
-def _port_listening(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def diagnose_supernode(

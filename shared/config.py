@@ -133,12 +133,15 @@ class DeploymentConfig:
 
     The operator hands each site the CA certificate and the site's private key (made by
     `fl-server provision`); `port` is the local port of this site's ClientApp API.
+    `fast_start` (opt-in) runs the SuperNode with fl_client.flower_speedups, which patches
+    flwr 1.42 internals; off, Flower runs as shipped.
     """
 
     superlink: str
     ca_cert: Path
     private_key: Path
     port: int = field(default=9094, metadata=_positive)
+    fast_start: bool = False
 
 
 @dataclass(frozen=True)

@@ -455,6 +455,47 @@ def _read_split(plan: _Pairs, size: int, channels: int, keep: bool) -> SplitData
     return SplitData(names=names, images=images, masks=masks, skipped=problems)
 
 
+def _read_split_cached(plan: _Pairs, split: str, site: SiteConfig) -> SplitData:
+    """`_read_split`, decoding only the pairs `shared.data_cache` has no current entry for."""
+    from shared.data_cache import SplitCache, file_key
+
+    size, channels = site.image_size, site.channels
+    files = [f for _, image, mask in plan.pairs for f in (image, mask) if f is not None]
+    cache = SplitCache.open(site.work_dir, split, size, channels, plan.has_masks, files)
+    if cache is None:
+        return _read_split(plan, size, channels, keep=True)
+    keys = [file_key(image, mask) for _, image, mask in plan.pairs]
+    stored, cached_images, cached_masks = cache.load()
+    misses = [pair for pair, key in zip(plan.pairs, keys) if key not in stored]
+    fresh = _read_split(_Pairs(plan.folder, plan.has_masks, pairs=misses), size, channels, keep=True)
+    fresh_row = {name: row for row, name in enumerate(fresh.names)}
+    names, kept, rows = [], [], []  # rows: ("c", cached row) or ("f", fresh row)
+    for (name, _, _), key in zip(plan.pairs, keys):
+        if key in stored:
+            rows.append(("c", stored[key]))
+        elif name in fresh_row:
+            rows.append(("f", fresh_row[name]))
+        else:
+            continue  # a bad file: skipped, its problem in fresh.skipped
+        names.append(name)
+        kept.append(key)
+
+    def stack(cached: np.ndarray | None, new: torch.Tensor | None) -> torch.Tensor | None:
+        if new is None:
+            return None
+        if cached is not None and rows == [("c", i) for i in range(len(cached))]:
+            return torch.from_numpy(cached)  # every entry cached, in order: no copy
+        parts = [torch.from_numpy(cached[r]) if kind == "c" else new[r] for kind, r in rows]
+        return torch.stack(parts) if parts else new[:0]
+
+    images, masks = stack(cached_images, fresh.images), stack(cached_masks, fresh.masks)
+    storable = [i for i, key in enumerate(kept) if key is not None]  # None: could not stat
+    if {kept[i] for i in storable} != set(stored):  # added, changed or removed files
+        cache.save([kept[i] for i in storable], images.numpy()[storable],
+                   masks.numpy()[storable] if masks is not None else None)
+    return SplitData(names=names, images=images, masks=masks, skipped=list(plan.problems) + fresh.skipped)
+
+
 # ----------------------------------------------------------------------------- a site
 
 
@@ -519,7 +560,8 @@ def _one_thread():
         torch.set_num_threads(before)
 
 
-def _load(site: SiteConfig, splits: tuple[str, ...], checking: bool) -> tuple[dict[str, SplitData], list[Problem]]:
+def _load(site: SiteConfig, splits: tuple[str, ...], checking: bool,
+          cache: bool = False) -> tuple[dict[str, SplitData], list[Problem]]:
     bad = [s for s in splits if s not in SPLITS]
     if bad:
         raise ValueError(f"unknown split {bad[0]!r}; valid splits are {', '.join(SPLITS)}")
@@ -529,7 +571,9 @@ def _load(site: SiteConfig, splits: tuple[str, ...], checking: bool) -> tuple[di
     except _Unusable as exc:
         raise exc.config_error(site.source_file) from None
     with _one_thread():
-        loaded = {split: _read_split(plan, site.image_size, site.channels, keep=not checking) for split, plan in plans.items()}
+        loaded = {split: _read_split_cached(plan, split, site) if cache and not checking
+                  else _read_split(plan, site.image_size, site.channels, keep=not checking)
+                  for split, plan in plans.items()}
     warnings = [
         Problem(plans[split].folder, f"split {split!r} has {len(part)} usable image(s), fewer than {_MIN_SPLIT_SIZE}", "warning")
         for split, part in loaded.items()
@@ -538,7 +582,7 @@ def _load(site: SiteConfig, splits: tuple[str, ...], checking: bool) -> tuple[di
     return loaded, (unusable or []) + warnings
 
 
-def load_site_data(site: SiteConfig, splits: tuple[str, ...] = SPLITS) -> dict[str, SplitData]:
+def load_site_data(site: SiteConfig, splits: tuple[str, ...] = SPLITS, cache: bool = True) -> dict[str, SplitData]:
     """Load the requested splits of a site: {split: SplitData}.
 
     Explicit split folders, or `data.source` cut by `data.split` fractions, `data.seed` and
@@ -547,8 +591,9 @@ def load_site_data(site: SiteConfig, splits: tuple[str, ...] = SPLITS) -> dict[s
     image) are listed under the first split requested. The unlabelled split carries masks when
     it has them (for the oracle judge and evaluation only). Raises ConfigError, naming the
     folder, when a folder does not exist or holds no images, or the groups do not cover them.
+    With `cache`, decoded files are reused from `<work_dir>/cache` (`shared.data_cache`).
     """
-    loaded, warnings = _load(site, tuple(splits), checking=False)
+    loaded, warnings = _load(site, tuple(splits), checking=False, cache=cache)
     for split, part in loaded.items():
         for problem in part.skipped:
             logger.warning("%s", problem)

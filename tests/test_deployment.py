@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from fl_client.flower_speedups import FORK_MARKER
 from fl_client.supernode import SENT_LOG
 from fl_server import operator as op
 from fl_server import superlink as sl
@@ -197,7 +198,7 @@ def run(consortium):
             procs.start(f"client-{name}", str(BIN / "fl-client"), "start", "--site", str(site))
         server = procs.start("server", str(BIN / "fl-server"), "start", "--consortium",
                              str(consortium["path"]), "--provisioned", str(root / "prov"))
-        server.wait(240)
+        server.wait(420)  # montgomery, Flower as shipped: a fresh ClientApp process per message
         seconds = time.monotonic() - started
         client_codes = {name: procs.stop(f"client-{name}") for name in SITES}  # SIGTERM = Ctrl-C
         yield {"server_code": server.returncode, "server": procs.output("server"), "seconds": seconds,
@@ -267,6 +268,13 @@ def test_run_completes_over_tls_with_authenticated_sites(run):
         assert run["client_codes"][name] == 0  # SIGTERM stops it cleanly
         assert "SuperNode stopped" in run["clients"][name]
     print(f"\nfl-server start + 2 x fl-client start, 2 rounds: {run['seconds']:.0f}s")
+
+
+def test_flower_speedups_only_where_the_site_opted_in(consortium, run):
+    logs = {name: (consortium["root"] / "work" / name / "supernode" / "supernode.log").read_text()
+            for name in SITES}
+    assert "flower_speedups" not in logs["montgomery"]  # Flower as shipped
+    assert FORK_MARKER in logs["shenzhen_a"] and "idle poll 0.5 s" in logs["shenzhen_a"]
 
 
 def test_run_directory_is_complete(run):

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from fl_client.flower_speedups import FORK_MARKER
 from fl_client.supernode import (
     SuperLinkConnectionError,
     SuperNodeError,
@@ -125,19 +126,21 @@ def fed(tmp_path_factory):
             for site in ("alpha", "beta")
         }
 
-        def supernode(site, ca_cert=None, key=None, wait=True):
+        def supernode(site, ca_cert=None, key=None, wait=True, fast=False):
             files = prov.sites[site]
             handle = start_supernode(
                 link.address, ca_cert or files.ca_cert, key or files.private_key,
                 {"site": site}, work_dir=root / f"sn-{site}-{len(started)}",
                 wait=False, task_poll_interval=POLL,
+                warm_clientapp=fast, idle_poll=0.5 if fast else None,  # opt-in flower_speedups
             )
             started.append(handle)
             if wait:
                 handle.wait_connected(30)
             return handle
 
-        nodes = {site: supernode(site, wait=False) for site in ("alpha", "beta")}
+        # alpha: Flower as shipped; beta: the opt-in speed-ups (fl_client.flower_speedups)
+        nodes = {site: supernode(site, wait=False, fast=site == "beta") for site in ("alpha", "beta")}
         for handle in nodes.values():
             handle.wait_connected(30)
         yield {
@@ -163,6 +166,8 @@ def test_flwr_run_reaches_both_sites(fed):
         "alpha": {"node_id": fed["node_ids"]["alpha"], "num-examples": 5},
         "beta": {"node_id": fed["node_ids"]["beta"], "num-examples": 4},
     }
+    assert "flower_speedups" not in fed["nodes"]["alpha"].new_log()  # Flower as shipped
+    assert FORK_MARKER in fed["nodes"]["beta"].new_log()  # beta's ClientApp ran in a fork
     print(f"\nflwr run -> finished in {elapsed:.1f}s; one round {replies['round_s']:.1f}s")
 
 
