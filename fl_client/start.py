@@ -44,6 +44,7 @@ IDLE_POLL = 0.5  # with deployment.fast_start: the idle SuperNode polls this oft
 # without deployment.fast_start, whatever the site YAML says.
 FLOWER_DEFAULTS_ENV = "FL_CLIENT_FLOWER_DEFAULTS"
 SUPERNODE_DIR = "supernode"  # under work_dir: supernode.log, node_config.toml, FLWR_HOME
+STOP_TIMEOUT = 5.0  # seconds the SuperNode's group gets after SIGTERM before SIGKILL
 
 
 class StartError(RuntimeError):
@@ -132,6 +133,9 @@ def start_site(site_path: Path | str, superlink: str | None = None,
         wait_until_reachable(address, site.deployment.ca_cert, wait_timeout)
     except StartError as err:
         return _fail(str(err))
+    except KeyboardInterrupt:  # Ctrl-C while checking or waiting for the server
+        print(stopped_line(site), file=sys.stderr, flush=True)
+        return 0
 
     handle: SuperNodeHandle | None = None
     with sigterm_as_interrupt():
@@ -149,16 +153,22 @@ def start_site(site_path: Path | str, superlink: str | None = None,
                 wait_until_reachable(address, site.deployment.ca_cert, wait_timeout)
         except (StartError, SuperNodeError, TimeoutError) as err:
             return _fail(str(err))
-        except KeyboardInterrupt:
-            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C waits
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop the SuperNode's group, one line
+            for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut this short
+                signal.signal(sig, signal.SIG_IGN)
             if handle is not None:
-                handle.stop()
-            signal.signal(signal.SIGINT, previous)
-            _say(f"site {site.name}: SuperNode stopped")
+                handle.stop(timeout=STOP_TIMEOUT)
+            print(stopped_line(site), file=sys.stderr, flush=True)
             return 0
         finally:
             if handle is not None:
                 handle.stop()
+
+
+def stopped_line(site: SiteConfig) -> str:
+    """The one line `fl-client start` prints when stopped: how the site joins again (the
+    server keeps the run's checkpoints; a site keeps nothing it needs to resume)."""
+    return f"fl-client: site {site.name}: stopped; rejoin with: fl-client start --site {site.source_file}"
 
 
 def _run_supernode(site: SiteConfig, address: str, timeout: float) -> SuperNodeHandle:
@@ -214,4 +224,3 @@ def summarise_sent(entry: dict) -> str:
         elif record["kind"] == "metrics":
             parts.append(f"{len(items)} metrics")
     return f"{head}: {', '.join(parts)} ({entry['bytes'] / 1024:.0f} kB, handler {entry['handler_s']:.1f}s)"
-

@@ -32,6 +32,7 @@ import signal
 import socket
 import sys
 import tomllib
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -48,6 +49,7 @@ from shared.site_keys import SiteKeyError, read_public_key
 from shared.tls import certificate_problems
 
 TASK_POLL_INTERVAL = 0.2  # FLWR_SUPEREXEC_TASK_POLL_INTERVAL (Flower's default: 1 s)
+STOP_TIMEOUT = 5.0  # seconds the SuperLink's group gets after SIGTERM on Ctrl-C, then SIGKILL
 REVOKED_FILE = "revoked_sites.json"
 SUPERLINK_DIR = "superlink"
 
@@ -388,9 +390,21 @@ def stop_run(run_id: int, paths: OperatorPaths, connection: str) -> str:
 
 
 def cmd_start(args) -> int:
+    with ExitStack() as held:  # the run dir lock, until the run and its SuperLink are over
+        return _start(args, held)
+
+
+def _start(args, held: ExitStack) -> int:
+    from fl_server.run_dir import RunDirLocked, run_dir_lock
+
     cfg = load_consortium(args.consortium)
     paths = operator_paths(cfg, args.provisioned)
     run_dir = Path(args.run_dir or cfg.run_dir).resolve()
+    try:  # before anything reads or starts: a second run on this run dir stops here
+        held.enter_context(run_dir_lock(run_dir))
+    except RunDirLocked as exc:
+        print(f"fl-server: {exc}", file=sys.stderr)
+        return 2
     checkpoints = run_dir / "checkpoints"
     has_run = checkpoints.is_dir() and any(checkpoints.glob("round_*.pt"))
     if has_run and not args.resume:
@@ -423,16 +437,14 @@ def cmd_start(args) -> int:
                  f"sites) -> {run_dir}; Ctrl-C stops it (--resume continues)")
             sl.stream_run_logs(run_id, paths.flwr_home, connection, sys.stdout)
             status = sl.wait_for_run(run_id, paths.flwr_home, connection, timeout=float("inf"))
-        except KeyboardInterrupt:
-            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C waits
-            try:
-                if run_id is not None:
-                    _say(stop_run(run_id, paths, connection) + "; checkpoints kept, --resume continues")
-            finally:
-                if link is not None:
-                    link.stop()
-                signal.signal(signal.SIGINT, previous)
-            _say("SuperLink stopped")
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop within seconds, say how to resume
+            for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut this short
+                signal.signal(sig, signal.SIG_IGN)
+            # no `flwr stop`: its CLI alone can take longer than the stop may; the ServerApp dies
+            # with the SuperLink's group, and every completed round is already checkpointed
+            if link is not None:
+                link.stop(timeout=STOP_TIMEOUT)  # the SuperLink's group: SuperExec, ServerApp
+            print(stopped_line(args, cfg, run_dir), file=sys.stderr, flush=True)
             return 130
         except (sl.SuperLinkError, sl.FlwrCliError, TimeoutError) as err:
             print(f"fl-server: {err}", file=sys.stderr)
@@ -448,6 +460,21 @@ def cmd_start(args) -> int:
 
         _say(f"report: {build_report(run_dir)}; ledger: fl-server status {run_dir}")
     return 0
+
+
+def stopped_line(args, cfg: ConsortiumConfig, run_dir: Path) -> str:
+    """The one line `fl-server start` prints when stopped: the round reached and how to resume."""
+    found = sorted((run_dir / "checkpoints").glob("round_*.pt"))
+    done = int(found[-1].stem.split("_")[1]) if found else 0
+    total = cfg.supervised.rounds + cfg.preference.rounds
+    command = f"fl-server start --consortium {args.consortium} --run-dir {run_dir}"
+    if args.provisioned:
+        command += f" --provisioned {args.provisioned}"
+    if done == 0:
+        return f"fl-server: stopped before round 1 of {total} completed; start again with: {command}"
+    if done >= total:
+        return f"fl-server: stopped after the last round ({done} of {total}); nothing to resume"
+    return f"fl-server: stopped after round {done} of {total}; resume with: {command} --resume"
 
 
 # ---------------------------------------------------------------------------- revoke

@@ -36,6 +36,8 @@ def resume_hint(consortium: Path, run_dir: Path, total_rounds: int) -> str:
     command = f"fl-sim --consortium {consortium} --run-dir {run_dir}"
     if done == 0:
         return f"fl-sim: stopped before round 1 of {total_rounds} completed; start again with: {command}"
+    if done >= total_rounds:
+        return f"fl-sim: stopped after the last round ({done} of {total_rounds}); nothing to resume"
     return f"fl-sim: stopped after round {done} of {total_rounds}; resume with: {command} --resume"
 
 

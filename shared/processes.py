@@ -107,10 +107,14 @@ class ManagedProcess:
             signal_group(self.process.pid, signal.SIGTERM)
 
     def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM the process group, wait up to ``timeout`` s, then SIGKILL the group.
-        Returns the exit code. Calling it again does nothing."""
+        """SIGTERM the process group, wait up to ``timeout`` s, then SIGKILL the group and
+        whatever the process had started outside it. Returns the exit code. Calling it again
+        does nothing."""
         if self._group_killed:
             return self.process.returncode
+        # flower-superlink starts its SuperExec in a session of its own: that group is not
+        # ours to signal, and the ServerApp it launched would outlive the SuperLink
+        below = [(pid, _start_time(pid)) for pid in descendants(self.process.pid)]
         self.terminate()
         pgid = self.process.pid  # spawn(): the process leads its own group
         try:
@@ -120,6 +124,12 @@ class ManagedProcess:
             self.process.wait(5)
         # Children (SuperExec, app processes) may outlive the leader for a moment.
         signal_group(pgid, signal.SIGKILL)
+        for pid, started in below:
+            if started is not None and _start_time(pid) == started:  # not a reused pid
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
         self._group_killed = True
         return self.process.returncode
 
@@ -158,6 +168,15 @@ def descendants(pid: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
+
+
+def _start_time(pid: int) -> int | None:
+    """When the process started (clock ticks after boot), None when it is gone: with the pid,
+    it names one process even if the pid is reused."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def kill_descendants(pid: int | None = None, rounds: int = 3) -> None:

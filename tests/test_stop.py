@@ -145,6 +145,8 @@ def _expect_hint(line: str, tmp_path: Path) -> int:
     command = f"fl-sim --consortium {tmp_path / 'consortium.yaml'} --run-dir {tmp_path / 'run'}"
     if done == 0:
         assert line == f"fl-sim: stopped before round 1 of {ROUNDS} completed; start again with: {command}"
+    elif done == ROUNDS:
+        assert line == f"fl-sim: stopped after the last round ({done} of {ROUNDS}); nothing to resume"
     else:
         assert line == f"fl-sim: stopped after round {done} of {ROUNDS}; resume with: {command} --resume"
     return done
@@ -225,3 +227,96 @@ def test_a_locked_run_dir_refuses_a_second_run_and_a_killed_holder_frees_it(tmp_
         holder.wait(10)
     with run_dir_lock(run_dir) as lock:  # the OS dropped the dead holder's lock
         assert lock.read_text().strip() == str(os.getpid())
+
+
+# ---------------------------------------------------------------------------- deployment
+
+from test_deployment import BIN, consortium  # noqa: E402,F401  (a module fixture: provisioned sites)
+
+
+def _start(root: Path, env: dict[str, str], name: str, *args) -> subprocess.Popen:
+    """A console script in its own session, stdout and stderr in root/<name>.{out,err}."""
+    with open(root / f"{name}.out", "wb") as out, open(root / f"{name}.err", "wb") as err:
+        return subprocess.Popen([str(a) for a in args], stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                env=env, cwd=root, start_new_session=True)
+
+
+def _signal(proc: subprocess.Popen, sig: int, to_group=False) -> tuple[list[int], float]:
+    """Send one signal; what the process had started, and when."""
+    below = descendants(proc.pid)
+    os.killpg(proc.pid, sig) if to_group else proc.send_signal(sig)
+    return below, time.monotonic()
+
+
+def _stopped(proc: subprocess.Popen, sig: int, root: Path, name: str, code: int, below, sent) -> str:
+    """After one signal: exit within the bound with `code`, nothing it started left, one line
+    on stderr and no traceback; returns the line."""
+    try:
+        assert proc.wait(STOP_BOUND) == code, _text(root / f"{name}.err")[-3000:]
+    except subprocess.TimeoutExpired:
+        _kill_session(proc)
+        pytest.fail(f"{name} still running {STOP_BOUND:.0f}s after one {signal.Signals(sig).name}")
+    assert time.monotonic() - sent < STOP_BOUND
+    deadline = time.monotonic() + 5
+    while _live(below) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _live(below), f"{name}: processes outlived it"
+    err = _text(root / f"{name}.err")
+    assert "Traceback" not in err + _text(root / f"{name}.out"), err[-3000:]
+    lines = [line for line in err.splitlines() if " stopped" in line]
+    assert len(lines) == 1, err[-3000:]
+    return lines[0]
+
+
+def test_one_signal_stops_fl_server_start_and_fl_client_start(consortium):
+    root, env, cfg_path = consortium["root"], consortium["env"], consortium["path"]
+    run_dir = root / "run-stop"
+    clients = {name: _start(root, env, f"stop-client-{name}", BIN / "fl-client", "start", "--site", site)
+               for name, site in consortium["sites"].items()}
+    server = _start(root, env, "stop-server", BIN / "fl-server", "start", "--consortium", cfg_path,
+                    "--provisioned", root / "prov", "--run-dir", run_dir)
+    procs = [server, *clients.values()]
+    try:
+        first = run_dir / "checkpoints" / "round_001.pt"
+        _wait_for(server, "round 1's checkpoint", first.exists, root, name="stop-server")
+        (montgomery, shenzhen_a), names = clients.values(), list(clients)
+        # round 2 has started: one site and the server stop in it; then the other site, which
+        # is reconnecting to a server that is gone, gets Ctrl-C as from a terminal
+        site_stop = _signal(montgomery, signal.SIGTERM)
+        server_stop = _signal(server, signal.SIGINT)
+        line = _stopped(montgomery, signal.SIGTERM, root, f"stop-client-{names[0]}", 0, *site_stop)
+        assert line == (f"fl-client: site {names[0]}: stopped; rejoin with: fl-client start "
+                        f"--site {consortium['sites'][names[0]]}")
+        line = _stopped(server, signal.SIGINT, root, "stop-server", 130, *server_stop)
+        done = completed_round(run_dir)
+        assert done >= 1
+        command = f"fl-server start --consortium {cfg_path} --run-dir {run_dir} --provisioned {root / 'prov'}"
+        if done < 2:
+            assert line == f"fl-server: stopped after round {done} of 2; resume with: {command} --resume"
+        else:  # round 2 ended before the signal arrived
+            assert line == "fl-server: stopped after the last round (2 of 2); nothing to resume"
+        _stopped(shenzhen_a, signal.SIGINT, root, f"stop-client-{names[1]}", 0,
+                 *_signal(shenzhen_a, signal.SIGINT, to_group=True))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                _kill_session(proc)
+
+
+def test_fl_server_start_refuses_a_locked_run_dir(consortium, tmp_path):
+    root, env = consortium["root"], consortium["env"]
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir)], stdout=subprocess.PIPE, text=True,
+                              cwd=ROOT, env=env, start_new_session=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        refused = subprocess.run([str(BIN / "fl-server"), "start", "--consortium", str(consortium["path"]),
+                                  "--provisioned", str(root / "prov"), "--run-dir", str(run_dir), "--resume"],
+                                 env=env, capture_output=True, text=True, timeout=DEADLINE)
+    finally:
+        holder.kill()
+        holder.wait(10)
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == (f"fl-server: {run_dir} is in use by another run (PID {holder.pid}, see "
+                                      f"{run_dir / '.lock'}); wait for it to end, stop it, or choose another --run-dir")
+    assert not (run_dir / "superlink").exists()  # refused before the SuperLink started
