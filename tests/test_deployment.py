@@ -266,7 +266,7 @@ def test_run_completes_over_tls_with_authenticated_sites(run):
     for name in SITES:
         assert f"site {name}: connected" in run["clients"][name]
         assert run["client_codes"][name] == 0  # SIGTERM stops it cleanly
-        assert "SuperNode stopped" in run["clients"][name]
+        assert f"site {name}: stopped; rejoin with: fl-client start --site" in run["clients"][name]
     print(f"\nfl-server start + 2 x fl-client start, 2 rounds: {run['seconds']:.0f}s")
 
 
