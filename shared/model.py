@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
-from monai.networks.nets import BasicUNet, UNet
+from shared.networks import MODEL_NAMES
 
 __all__ = [
     "MODEL_NAMES",
@@ -26,7 +26,6 @@ __all__ = [
     "seed_everything",
 ]
 
-MODEL_NAMES = ("unet", "basic_unet")
 DEVICE_SPECS = ("auto", "cpu", "cuda")
 
 
@@ -37,6 +36,7 @@ def build_model(
     strides: Sequence[int] = (2, 2, 2),
     num_res_units: int = 2,
     dropout: float = 0.1,
+    args: Mapping | None = None,
 ) -> torch.nn.Module:
     """Build a 2D binary segmenter whose output is a (B, 1, H, W) logit map.
 
@@ -46,31 +46,19 @@ def build_model(
             ``"basic_unet"``: MONAI ``BasicUNet`` (4 downsamplings, H and W need not be
             divisible by 16). Its 6 ``features`` are ``channels`` when 6 are given, else
             ``(c0, c0, c1, c2, c3, c0)`` from 4 channels (about 0.5 M parameters with the
-            defaults); ``strides`` and ``num_res_units`` do not apply to it.
+            defaults); ``strides`` and ``num_res_units`` do not apply to it;
+            ``"segresnet"``, ``"attention_unet"`` (``channels`` and ``strides`` as UNet's),
+            ``"flexible_unet"`` (``args["backbone"]`` required): see ``shared.networks``.
         in_channels: image channels (1 for grey scale, 3 for RGB).
         channels, strides, num_res_units: UNet architecture, as in MONAI.
-        dropout: dropout probability (also what MC-dropout proposals sample).
+        dropout: dropout probability (also what MC-dropout proposals sample); the network's
+            own dropout argument (SegResNet's ``dropout_prob``).
+        args: further constructor arguments of the MONAI class (``model.args``).
     """
-    channels = tuple(int(c) for c in channels)
-    if name == "unet":
-        return UNet(
-            spatial_dims=2,
-            in_channels=in_channels,
-            out_channels=1,
-            channels=channels,
-            strides=tuple(strides),
-            num_res_units=num_res_units,
-            dropout=dropout,
-        )
-    if name == "basic_unet":
-        if len(channels) == 4:
-            features = (channels[0], *channels, channels[0])
-        elif len(channels) == 6:
-            features = channels
-        else:
-            raise ValueError(f"basic_unet needs 4 or 6 channels, got {len(channels)}: {channels}")
-        return BasicUNet(spatial_dims=2, in_channels=in_channels, out_channels=1, features=features, dropout=dropout)
-    raise ValueError(f"unknown model name {name!r}; valid names: {', '.join(MODEL_NAMES)}")
+    from shared.networks import network_class, network_kwargs
+
+    kwargs = network_kwargs(name, in_channels, channels, strides, num_res_units, dropout, args)
+    return network_class(name)(**kwargs)
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -155,6 +143,8 @@ def seed_everything(seed: int) -> None:
 
 
 def load_state(path) -> dict:
-    """Weights from a checkpoint of ours or a plain saved state dict (base_checkpoint)."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    return payload["state_dict"] if isinstance(payload, dict) and "state_dict" in payload else payload
+    """Weights from a checkpoint of ours, a plain saved state dict or a MONAI bundle folder
+    (shared.checkpoints.read_state: a TorchScript-only bundle is refused in one line)."""
+    from shared.checkpoints import read_state
+
+    return read_state(path)
