@@ -127,13 +127,14 @@ def start_site(site_path: Path | str, superlink: str | None = None,
     """`fl-client start`; returns the exit code (0 when stopped with Ctrl-C/SIGTERM)."""
     site = load_site(site_path)
     try:
-        for warning in check_site(site):
-            _say(f"warning: {warning}")
-        address = check_deployment(site, superlink)
-        wait_until_reachable(address, site.deployment.ca_cert, wait_timeout)
+        with sigterm_as_interrupt():
+            for warning in check_site(site):
+                _say(f"warning: {warning}")
+            address = check_deployment(site, superlink)
+            wait_until_reachable(address, site.deployment.ca_cert, wait_timeout)
     except StartError as err:
         return _fail(str(err))
-    except KeyboardInterrupt:  # Ctrl-C while checking or waiting for the server
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM while checking or waiting for the server
         print(stopped_line(site), file=sys.stderr, flush=True)
         return 0
 

@@ -22,7 +22,7 @@ import pytest
 from fl_server.run_dir import RunDirLocked, run_dir_lock
 from fl_sim.stop import completed_round
 from shared.flower_env import FLOWER_ENV
-from shared.processes import descendants
+from shared.processes import descendants, free_port
 from test_federation import write_consortium
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -320,3 +320,20 @@ def test_fl_server_start_refuses_a_locked_run_dir(consortium, tmp_path):
     assert refused.stderr.strip() == (f"fl-server: {run_dir} is in use by another run (PID {holder.pid}, see "
                                       f"{run_dir / '.lock'}); wait for it to end, stop it, or choose another --run-dir")
     assert not (run_dir / "superlink").exists()  # refused before the SuperLink started
+
+
+def test_fl_client_start_stops_while_waiting_for_the_server(consortium):
+    root, env = consortium["root"], consortium["env"]
+    site = root / "waiting.yaml"  # montgomery, pointed at a port where no server listens
+    server = f"127.0.0.1:{consortium['port']}"
+    site.write_text(consortium["sites"]["montgomery"].read_text().replace(server, f"127.0.0.1:{free_port()}"))
+    client = _start(root, env, "stop-waiting", BIN / "fl-client", "start", "--site", site)
+    try:
+        _wait_for(client, "the wait for the server",
+                  lambda: "waiting for the consortium server" in _text(root / "stop-waiting.out"), root,
+                  name="stop-waiting")
+        line = _stopped(client, signal.SIGTERM, root, "stop-waiting", 0, *_signal(client, signal.SIGTERM))
+        assert line == f"fl-client: site montgomery: stopped; rejoin with: fl-client start --site {site}"
+    finally:
+        if client.poll() is None:
+            _kill_session(client)
