@@ -326,7 +326,9 @@ def test_fl_client_start_stops_while_waiting_for_the_server(consortium):
     root, env = consortium["root"], consortium["env"]
     site = root / "waiting.yaml"  # montgomery, pointed at a port where no server listens
     server = f"127.0.0.1:{consortium['port']}"
-    site.write_text(consortium["sites"]["montgomery"].read_text().replace(server, f"127.0.0.1:{free_port()}"))
+    text = consortium["sites"]["montgomery"].read_text().replace(server, f"127.0.0.1:{free_port()}")
+    # its own local port: montgomery's may still be held by connections of the test before
+    site.write_text(re.sub(r"(?m)^  port: \d+$", f"  port: {free_port()}", text))
     client = _start(root, env, "stop-waiting", BIN / "fl-client", "start", "--site", site)
     try:
         _wait_for(client, "the wait for the server",
