@@ -49,17 +49,20 @@ _MINING = ("images", "proposals_per_image", "pairs", "pairs_per_image", "images_
            "dice_identity", "dice_best", "dice_pick", "dice_chosen", "chosen_over_identity")
 _STEPS = ("loss", "pref_loss", "sup_loss", "margin", "reward_acc", "steps")
 _TEST = ("dice", "hd95", "hd95_undefined", "n_images")
+# the evaluate reply's calibration Dice of the global model (the server's model selection)
+_CALIB = ("calib_dice", "calib_images")
 
 # split -> (the metric holding its image count, the metrics computed from it)
 GROUPS = {
     "test": ("n_images", _TEST),
     "calibration": ("rel_n_images", tuple(f"rel_{k}" for k in _CALIBRATION)),
     "unlabeled": ("mining_images", tuple(f"mining_{k}" for k in _MINING) + ("pref_loss", "margin", "reward_acc")),
+    "calib": ("calib_images", _CALIB),  # the calibration split again, on an evaluate reply
 }
 
 ALLOWED_METRICS = frozenset(
     ("num-examples", "skipped_files", "gated", "pairs_used", "channels", "compute_s", "rss_mb")
-    + _STEPS + _TEST
+    + _STEPS + _TEST + _CALIB
     + GROUPS["calibration"][1] + GROUPS["unlabeled"][1]
     + tuple(f"too_few_{split}" for split in GROUPS)
 )

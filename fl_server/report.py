@@ -363,7 +363,42 @@ def _round_title(round_number: int | None, glob: dict | None) -> str:
         parts.append(f"{glob['duration_s']:.1f} s")
     if "aggregated" in glob:
         parts.append("aggregated" if glob["aggregated"] else "not aggregated")
+    selection = selection_text(glob)
+    if selection:
+        parts.append(selection)
     return ", ".join(parts)
+
+
+def selection_text(glob: dict) -> str:
+    """How a round's global line stands in model selection ('' before selection existed):
+    ``calibration Dice 0.812 * best`` for a new best round, otherwise the calibration Dice and
+    the best round so far, with ``ROLLED BACK`` when the next round starts from that best."""
+    if "best_round" not in glob:
+        return ""
+    dice, best_round = _number(glob.get("calib_dice")), glob.get("best_round")
+    text = f"calibration Dice {_fmt(dice)}"
+    if best_round is None:
+        return text + " (no best round yet)"
+    if best_round == glob.get("round"):
+        return text + " * best"
+    best = f"round {best_round}, {_fmt(_number(glob.get('best_calib_dice')))}"
+    if glob.get("rolled_back"):
+        return text + f": ROLLED BACK, the next round starts from the best ({best})"
+    return text + f" (best: {best})"
+
+
+def best_round_line(lines: list[dict]) -> str:
+    """``best round: 2 (calibration Dice 0.812, best.pt); rolled back: rounds 3, 5``
+    from the latest global line that knows a best round ('' when none does)."""
+    known = [r for r in _global_lines(lines) if r.get("best_round") is not None]
+    if not known:
+        return ""
+    latest = max(known, key=lambda r: _as_int(r.get("round")))
+    rolled = sorted(_as_int(r.get("round")) for r in _global_lines(lines) if r.get("rolled_back"))
+    text = (f"best round: {latest['best_round']} (calibration Dice "
+            f"{_fmt(_number(latest.get('best_calib_dice')))}, best.pt)")
+    return text + (f"; rolled back: round{'s' if len(rolled) > 1 else ''} {', '.join(map(str, rolled))}"
+                   if rolled else "; no round rolled back")
 
 
 def status_table(run_dir: str | os.PathLike) -> str:
@@ -380,7 +415,9 @@ def status_table(run_dir: str | os.PathLike) -> str:
     table = _text_table(header, rows, numeric={2, 3, 4, 5, 6, 7, 8}) if rows else "(no sites yet)"
     latest = _latest_global(lines)
     mean = f"{_fmt(_number(latest['mean_dice']))} (round {latest['round']})" if latest else _MISSING
-    return f"{table}\nrounds completed: {ledger.get('rounds_completed', 0)}   latest mean Dice: {mean}"
+    best = best_round_line(lines)
+    return (f"{table}\nrounds completed: {ledger.get('rounds_completed', 0)}   latest mean Dice: {mean}"
+            + (f"\n{best}" if best else ""))
 
 
 def _status_row(name: str, entry: dict, records: list[dict]) -> list[str]:
@@ -691,6 +728,7 @@ def render_report(run_dir: str | os.PathLike) -> str:
         f"Rounds completed: {html.escape(_fmt(ledger.get('rounds_completed', 0)))}; latest mean Dice: "
         f"{html.escape(_fmt(_number(latest['mean_dice'])) if latest else _MISSING)}</p>",
         "<h2>How to read this</h2>", f"<p>{html.escape(HOW_TO_READ)}</p>",
+        "<h2>Model selection</h2>", _selection_html(lines),
         "<h2>Sites</h2>",
         _html_table(summary_header, summary_rows(lines, ledger), numeric={1, 2, 3, 4, 5, 7})
         if _site_names(lines, ledger) else '<p class="note">No site has reported yet.</p>',
@@ -713,6 +751,28 @@ def render_report(run_dir: str | os.PathLike) -> str:
     body = "\n".join(sections)
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f"<title>{html.escape(name)}: report</title><style>{_CSS}</style></head>\n<body>\n{body}\n</body></html>\n")
+
+
+def selection_rows(lines: list[dict]) -> list[list[str]]:
+    """One row per round that has a calibration Dice: round, phase, mean test Dice, consortium
+    calibration Dice, and a mark: ``* best`` for the best round, ``rolled back`` for an undone one."""
+    rows = []
+    known = [r for r in _global_lines(lines) if "best_round" in r]
+    best = max(known, key=lambda r: _as_int(r.get("round"))).get("best_round") if known else None
+    for record in sorted(known, key=lambda r: _as_int(r.get("round"))):
+        mark = "* best" if record.get("round") == best else ("rolled back" if record.get("rolled_back") else "")
+        rows.append([_fmt(record.get("round")), _fmt(record.get("phase")), _fmt(_number(record.get("mean_dice"))),
+                     _fmt(_number(record.get("calib_dice"))), mark])
+    return rows
+
+
+def _selection_html(lines: list[dict]) -> str:
+    rows = selection_rows(lines)
+    if not rows:
+        return '<p class="note">No round has a consortium calibration Dice yet.</p>'
+    return (f"<p>{html.escape(best_round_line(lines) or 'No best round yet.')}. The best round is chosen on the "
+            "sites' calibration Dice (image-weighted), never on test Dice.</p>"
+            + _html_table(["round", "phase", "mean test Dice", "calibration Dice", ""], rows, numeric={0, 2, 3}))
 
 
 def build_report(run_dir: str | os.PathLike) -> Path:

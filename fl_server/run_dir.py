@@ -21,6 +21,7 @@ import yaml
 
 from shared.config import ConsortiumConfig, to_dict, to_yaml
 from shared.ledger import Ledger
+from shared.selection import Selection
 
 
 LOCK_FILE = ".lock"
@@ -92,6 +93,7 @@ class RunDir:
                 "or choose another --run-dir"
             )
         self.checkpoints.mkdir(parents=True, exist_ok=True)
+        self.best.unlink(missing_ok=True)  # left by a run whose checkpoints were deleted: not this run's
         text = to_yaml(cfg)
         if site_configs:
             text += "\n# sites, as resolved\n---\n" + "---\n".join(to_yaml(s) for s in site_configs)
@@ -102,17 +104,46 @@ class RunDir:
         with self.metrics.open("a") as f:
             f.write(json.dumps(line) + "\n")
 
-    def save_round(self, round_number: int, state: dict, ledger: Ledger, cfg_hash: str) -> None:
-        """Checkpoint the global model and ledger after a completed round."""
+    def save_round(self, round_number: int, state: dict, ledger: Ledger, cfg_hash: str,
+                   selection: Selection | None = None, calib_dice: float | None = None) -> None:
+        """Checkpoint the global model, ledger and model selection after a completed round; the
+        round's checkpoint first, then best.pt when the round is the new best (so a stop between
+        the two leaves best.pt one best behind, which `resume_selection` repairs)."""
+        selection = selection or Selection()
         with SAVING:
             ledger.rounds_completed = round_number
             ledger.save(self.ledger)
             payload = {"round": round_number, "state_dict": state, "ledger": ledger.to_dict(),
-                       "config_hash": cfg_hash}
-            target = self.checkpoint(round_number)
-            tmp = target.with_suffix(".tmp")
-            torch.save(payload, tmp)
-            os.replace(tmp, target)
+                       "config_hash": cfg_hash, "selection": selection.to_dict(), "calib_dice": calib_dice}
+            _atomic_save(payload, self.checkpoint(round_number))
+            if selection.best_round == round_number:
+                _atomic_save(payload, self.best)
+
+    @property
+    def best(self) -> Path:
+        """The round with the best consortium calibration Dice: a round checkpoint's payload (in the
+        run dir itself, beside checkpoints/, so that no glob of round checkpoints meets it)."""
+        return self.path / "best.pt"
+
+    def resume_selection(self, done: int, state: dict) -> tuple[Selection, dict]:
+        """The model selection after round `done`, and the weights the next round starts from:
+        `state` (round `done`'s), or the best round's when round `done` was rolled back. Rewrites
+        best.pt from its round's checkpoint when a stop came between the two writes."""
+        payload = torch.load(self.checkpoint(done), map_location="cpu", weights_only=True)
+        selection = Selection.from_dict(payload.get("selection"))
+        if selection.best_round is None:
+            return selection, state
+        best = torch.load(self.checkpoint(selection.best_round), map_location="cpu", weights_only=True)
+        saved = torch.load(self.best, map_location="cpu", weights_only=True) if self.best.exists() else {}
+        if saved.get("round") != selection.best_round:
+            with SAVING:
+                _atomic_save(best, self.best)
+        return selection, best["state_dict"] if selection.rolled_back else state
+
+    def start_state(self, round_number: int) -> dict:
+        """The weights the round after `round_number` started from (its best round's after a rollback)."""
+        payload = torch.load(self.checkpoint(round_number), map_location="cpu", weights_only=True)
+        return self.resume_selection(round_number, payload["state_dict"])[1]
 
     def checkpoint(self, round_number: int) -> Path:
         return self.checkpoints / f"round_{round_number:03d}.pt"
@@ -188,6 +219,12 @@ def _changed_keys(saved: Path, cfg: ConsortiumConfig) -> list[str]:
     new = to_dict(cfg)
     old.pop("run_dir", None), new.pop("run_dir", None)
     return diff(old, new, "")
+
+
+def _atomic_save(payload: dict, target: Path) -> None:
+    tmp = target.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, target)
 
 
 def _atomic_write(path: Path, text: str) -> None:

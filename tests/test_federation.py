@@ -186,6 +186,9 @@ def test_resume_after_a_stop_gives_the_uninterrupted_result(tmp_path):
     for key, value in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][key], value, rtol=0, atol=0)
     assert a["ledger"]["sites"] == b["ledger"]["sites"]
+    assert a["selection"] == b["selection"] and a["calib_dice"] == b["calib_dice"]
+    best_a, best_b = (torch.load(run / "best.pt", weights_only=True) for run in (straight, stopped))
+    assert best_a["round"] == best_b["round"] and best_a["calib_dice"] == best_b["calib_dice"]
     rows = [(line["kind"], line["round"], line.get("site")) for line in metric_lines(stopped)]
     assert len(rows) == len(set(rows)) == len(metric_lines(straight))
 
@@ -221,3 +224,68 @@ def test_resume_refuses_a_changed_config(tmp_path):
         from fl_server.run_dir import RunDir, config_hash
 
         RunDir(run_dir).resume(config_hash(cfg))
+
+
+def test_best_pt_is_chosen_on_calibration_dice_and_a_fallen_round_is_rolled_back_also_across_a_resume(tmp_path):
+    """Rounds 2 and 4 (preference) come back as an all-zero model: bad but finite, it predicts
+    no foreground, so its calibration Dice is 0. Round 2 falls more than the default margin and is
+    rolled back (round 3 receives the best model, round 1's); the last round, 4, is worse than
+    an earlier one and best.pt stays on the best calibration round. A server stopped right after
+    the rollback resumes to the same rounds 3 and 4."""
+    from flwr.app import ArrayRecord
+
+    from fl_client.reply_policy import reply_policy_mod
+    from fl_server.report import round_table, status_table
+
+    consortium = write_consortium(tmp_path, {"montgomery": "{kind: oracle}"}, supervised=1, preference=3,
+                                  aggregation="fedavg")  # one site under fedavg: its zeros are the model
+    received = tmp_path / "received"
+    received.mkdir()
+
+    def zero_rounds_2_and_4(msg, context, call_next):
+        reply = call_next(msg, context)
+        if msg.metadata.message_type != "train" or reply.has_error():
+            return reply
+        server_round = int(msg.content["config"]["server-round"])
+        if server_round == 3:
+            torch.save(msg.content["arrays"].to_torch_state_dict(), received / f"{len(list(received.iterdir()))}.pt")
+        if server_round in (2, 4):
+            state = reply.content["arrays"].to_torch_state_dict()
+            reply.content["arrays"] = ArrayRecord({k: torch.zeros_like(v) for k, v in state.items()})
+        return reply
+
+    faulty = ClientApp(mods=[reply_policy_mod, zero_rounds_2_and_4])  # the policy lets calib_* out
+    faulty.train()(our_client.train)
+    faulty.evaluate()(our_client.evaluate)
+    faulty.query()(our_client.identify)
+    straight = run_sim(consortium, run_dir=tmp_path / "straight", client_app=faulty)
+
+    globals_ = {line["round"]: line for line in metric_lines(straight) if line["kind"] == "global"}
+    calib = {r: line["calib_dice"] for r, line in globals_.items()}
+    assert calib[2] == calib[4] == 0.0 and calib[1] > 0.1 and calib[3] > 0.1
+    assert all(line["calib_images"] >= 5 for line in globals_.values())  # montgomery's calibration split
+    assert [globals_[r]["rolled_back"] for r in (1, 2, 3, 4)] == [False, True, False, True]
+    best_round = max(calib, key=lambda r: (calib[r], -r))
+    assert best_round in (1, 3) and globals_[4]["best_round"] == best_round
+    best = torch.load(straight / "best.pt", weights_only=True)
+    assert best["round"] == best_round and best["calib_dice"] == pytest.approx(calib[best_round])
+    assert best["selection"] == {"best_round": best_round, "best_dice": best["calib_dice"], "rolled_back": False}
+    on_disk = torch.load(straight / "checkpoints" / f"round_{best_round:03d}.pt", weights_only=True)["state_dict"]
+    for key, value in on_disk.items():
+        torch.testing.assert_close(best["state_dict"][key], value, rtol=0, atol=0)
+    round_1 = torch.load(straight / "checkpoints" / "round_001.pt", weights_only=True)["state_dict"]
+    for key, value in torch.load(received / "0.pt", weights_only=True).items():  # round 3 started from round 1
+        torch.testing.assert_close(value, round_1[key], rtol=0, atol=0)
+    assert "ROLLED BACK" in round_table([line for line in metric_lines(straight) if line["round"] == 2]).splitlines()[0]
+    assert status_table(straight).splitlines()[-1].startswith(f"best round: {best_round} (calibration Dice ")
+
+    stopped = run_sim(consortium, run_dir=tmp_path / "stopped", client_app=faulty, stop_after=2)
+    run_sim(consortium, run_dir=stopped, resume=True, client_app=faulty)
+    for key, value in torch.load(received / "1.pt", weights_only=True).items():  # the resumed round 3 too
+        torch.testing.assert_close(value, round_1[key], rtol=0, atol=0)
+    for name in ("checkpoints/round_003.pt", "checkpoints/round_004.pt", "best.pt"):
+        a = torch.load(straight / name, weights_only=True)
+        b = torch.load(stopped / name, weights_only=True)
+        assert a["round"] == b["round"] and a["selection"] == b["selection"] and a["calib_dice"] == b["calib_dice"]
+        for key, value in a["state_dict"].items():
+            torch.testing.assert_close(b["state_dict"][key], value, rtol=0, atol=0)
