@@ -261,9 +261,14 @@ def consortium_dict(task: Task, seed: int, arm: Arm | None) -> dict:
 # Consortium options added after grids were cached, each with the behaviour every run had before it
 # existed. At that value they do not change what a run does, so they stay out of its digest and
 # the cached runs remain valid (`damped` has since become the default: the full preset sets it
-# back to false for its reference arm).
+# back to false for its reference arm). The `selection` section came with model selection: every
+# cached run had no rollback (rollback_margin null, which the presets set in each task, bases
+# included); the phases only matter with a margin, so at their default they stay out too, and a
+# section left empty drops out of the digest.
 OPTIONS_ADDED_LATER = {("preference", "reference"): "round", ("aggregation", "krum_byzantine"): 1,
-                       ("aggregation", "damped"): False, ("preference", "min_pick_gain"): None}
+                       ("aggregation", "damped"): False, ("preference", "min_pick_gain"): None,
+                       ("selection", "rollback_margin"): None, ("selection", "rollback_phases"): ["preference"],
+                       ("model", "args"): {}, ("model", "pretrained_weights"): None}
 
 
 def _digest(value) -> str:
@@ -276,6 +281,9 @@ def _identity(consortium: dict) -> dict:
     for (section, key), default in OPTIONS_ADDED_LATER.items():
         if kept.get(section, {}).get(key, default) == default:
             kept.get(section, {}).pop(key, None)
+    for section in {section for section, _ in OPTIONS_ADDED_LATER}:
+        if kept.get(section) == {}:  # a section added later, every option at its earlier behaviour
+            kept.pop(section)
     return kept
 
 

@@ -4,6 +4,7 @@
   fl-client local --site FILE --rounds N      try the method on this site alone, no server
   fl-client start --site FILE                 join the consortium (a Flower SuperNode)
   fl-client keygen --site FILE                make this site's key pair; print the public key
+  fl-client predict --model M --images DIR --out DIR   segment new images (masks, overlays, a CSV)
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--rounds", type=int, default=3, help="preference rounds (default 3)")
     local.add_argument("--consortium", type=Path, help="take model and training settings from this consortium YAML")
     local.add_argument("--supervised-rounds", type=int, help="warm-up rounds (default: the consortium's, else 3)")
-    local.add_argument("--checkpoint", type=Path, help="start from these weights instead of a warm-up")
+    local.add_argument("--checkpoint", type=Path, help="start from these weights instead of a warm-up: our checkpoint, a saved "
+                       "state dict or a MONAI bundle folder (models/model.pt), checked against the network")
 
     start = sub.add_parser("start", help="start this site's Flower SuperNode against the consortium server")
     start.add_argument("--site", required=True, type=Path, help=SITE_HELP)
@@ -46,6 +48,26 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("--out", type=Path, help="folder for the key pair with --name (default: .)")
     keygen.add_argument("--force", action="store_true",
                         help="replace an existing private key (the operator must register the new public key)")
+
+    predict = sub.add_parser("predict", help="segment a folder of new images with a trained model: one mask per "
+                             "image (its format, its size), a CSV with areas and predicted Dice to review")
+    predict.add_argument("--model", required=True, type=Path,
+                         help="an exported MONAI bundle (fl-server export), a run directory (its last round) "
+                              "or a checkpoint file inside one")
+    predict.add_argument("--images", required=True, type=Path, help="folder of PNG, JPEG or NIfTI images")
+    predict.add_argument("--out", required=True, type=Path,
+                         help="folder for the masks and predictions.csv (never --images or inside it)")
+    predict.add_argument("--overlays", action="store_true", help="also write OUT/overlays/<image>.png, the mask outline on the image")
+    predict.add_argument("--judge", type=Path,
+                         help="learned_judge.pt (or the work_dir holding it) whose predicted Dice goes in the CSV")
+    predict.add_argument("--site", type=Path, help=SITE_HELP + "; its work_dir's learned judge is used when there is no --judge")
+    predict.add_argument("--review-below", type=float, default=0.7,
+                         help="flag images whose predicted Dice is below this (default 0.7)")
+    predict.add_argument("--max-fraction", type=float, default=0.9,
+                         help="flag masks covering more than this share of the image (default 0.9); empty masks are always flagged")
+    predict.add_argument("--batch-size", type=int, default=8, help="images per network pass (default 8)")
+    predict.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the network runs (default auto)")
+    predict.add_argument("--force", action="store_true", help="replace existing masks, overlays and CSV in --out")
     return parser
 
 
@@ -64,6 +86,10 @@ def main(argv=None) -> int:
             from fl_client.keygen import keygen
 
             return keygen(args.site, args.name, args.out, args.force)
+        if args.command == "predict":
+            from fl_client.predict import cmd_predict
+
+            return cmd_predict(args)
         return cmd_start(args)
     except ConfigError as exc:
         print(f"fl-client: {exc}", file=sys.stderr)
@@ -97,8 +123,8 @@ def cmd_local(args) -> int:
     from shared.config import (ModelConfig, PreferenceConfig, SupervisedConfig, load_consortium, load_site,
                                require_usable_site)
     from shared.data import load_site_data
+    from shared.checkpoints import fresh_model, matching_state
     from shared.site import evaluate_round, load_model, train_round
-    from shared.model import load_state
 
     site = load_site(args.site)
     require_usable_site(site)  # before the data loads, not a traceback after it
@@ -108,6 +134,11 @@ def cmd_local(args) -> int:
     else:
         model_cfg, supervised, preference = ModelConfig(in_channels=site.channels), SupervisedConfig(), PreferenceConfig()
     warmup = args.supervised_rounds if args.supervised_rounds is not None else supervised.rounds
+    if args.checkpoint:  # our checkpoint, a state dict or a MONAI bundle, checked against the network,
+        # before the data loads
+        state = matching_state(args.checkpoint, load_model(model_cfg), model_cfg, "--checkpoint")
+    else:
+        state = fresh_model(model_cfg, f"{args.consortium}: model.pretrained_weights").state_dict()
     splits = load_site_data(site)
     for name, split in splits.items():
         print(f"{name:12s} {len(split):5d} images" + (f" ({len(split.skipped)} skipped)" if split.skipped else ""))
@@ -115,7 +146,6 @@ def cmd_local(args) -> int:
     def progress(steps, label):
         return tqdm(steps, desc=f"  {label}", leave=False, file=sys.stderr, disable=None)
 
-    state = load_state(args.checkpoint) if args.checkpoint else load_model(model_cfg).state_dict()
     if args.checkpoint:
         warmup = 0
     # identity / best_k / pick: calibration Dice of the model's own mask, of the best of its K

@@ -6,6 +6,7 @@
   fl-server revoke SITE --consortium FILE           refuse a site's key from now on
   fl-server report RUN_DIR                          rebuild RUN_DIR/report.html
   fl-server status RUN_DIR                          print the judge-reliability ledger
+  fl-server export RUN_DIR --out DIR [--round N|best]   the model as a MONAI bundle
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fl-server", description="Run the consortium server.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    provision = sub.add_parser("provision", help="create the CA, server certificate and site keys")
+    provision = sub.add_parser("provision", help="create the CA and server certificate, file the sites' public keys")
     provision.add_argument("--consortium", required=True, type=Path, help=CONSORTIUM_HELP)
     provision.add_argument("--out", required=True, type=Path,
                            help="folder to write: ca/ (keep ca.key offline), server/ (SuperLink certificate, site "
@@ -56,9 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_site.add_argument("site", help="the site's name (a new one gets its folder and site.yaml under sites/)")
     add_site.add_argument("--public-key", required=True, type=Path,
                           help="the site's .pub file, made at the site with fl-client keygen")
-    add_site.add_argument("--consortium", required=True, type=Path, help="the consortium YAML")
-    add_site.add_argument("--provisioned", type=Path,
-                          help="folder made by fl-server provision --out (default: <run_dir>/../provisioned)")
+    add_site.add_argument("--consortium", required=True, type=Path, help=CONSORTIUM_HELP)
+    add_site.add_argument("--provisioned", type=Path, help=PROVISIONED_HELP)
 
     start = sub.add_parser("start", help="start the SuperLink and run the consortium's rounds",
                            description=START_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -80,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="print the judge-reliability ledger of a run directory")
     status.add_argument("run_dir", type=Path, help="a run directory (holds ledger.json and metrics.jsonl)")
+
+    export = sub.add_parser("export", help="write a run's model as a MONAI bundle (python -m monai.bundle run)")
+    export.add_argument("run_dir", type=Path, help="a run directory (holds config.yaml and checkpoints/)")
+    export.add_argument("--out", required=True, type=Path, help="bundle folder to write (configs/, models/, docs/)")
+    export.add_argument("--round", metavar="N|best",
+                        help="round N, or best (RUN_DIR/best.pt, the round chosen on calibration Dice); default: the last round")
+    export.add_argument("--force", action="store_true", help="replace the files of an existing bundle in --out")
     return parser
 
 
@@ -101,6 +108,10 @@ def main(argv=None) -> int:
             else:
                 print(status_table(args.run_dir))
             return 0
+        if args.command == "export":
+            from fl_server.export import cmd_export
+
+            return cmd_export(args)
         from fl_server import operator
 
         return getattr(operator, f"cmd_{args.command.replace('-', '_')}")(args)

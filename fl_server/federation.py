@@ -6,6 +6,8 @@ is averaged, and hands the weighing to `shared.aggregation` (DESIGN.md section 4
 g(judge reliability), the weight weak judges lose staying on the current global model). The loop in
 `run_federation` drives supervised then preference rounds on Flower's Grid, evaluates every round,
 and writes metrics, ledger and a checkpoint after each, so `resume=True` continues a stopped run.
+The evaluation's calibration Dice selects the best round (best.pt) and can roll a round back
+(`shared.selection` decides; this loop stores and applies it).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from shared.aggregation import Contribution, combine, norm_outliers, site_weight
 from shared.config import ConsortiumConfig, PreferenceConfig, to_dict
 from shared.ledger import EXCLUDED, Ledger
 from shared.model import load_state
+from shared.selection import Selection, consortium_dice, select
 from fl_server.run_dir import RunDir, config_hash
 
 log = logging.getLogger(__name__)
@@ -207,20 +210,19 @@ def run_federation(
 ) -> Path:
     """Run (or resume) the consortium's rounds; returns the run directory. `sites`: the resolved
     site configs to record in config.yaml (a simulation knows them; a deployed server does not)."""
-    from shared.site import model_from_config
+    from shared.checkpoints import initial_model
 
     run = RunDir(run_dir)
     cfg_hash = config_hash(cfg)
     if resume and run.latest_checkpoint() is not None:
         done, state, ledger = run.resume(cfg_hash)
+        selection, state = run.resume_selection(done, state)
         log.info("resuming %s after round %d", run_dir, done)
     else:
         run.start(cfg, sites)
-        ledger, done = Ledger(), 0
+        ledger, done, selection = Ledger(), 0, Selection()
         torch.manual_seed(cfg.seed)
-        model = model_from_config(cfg.model)
-        if cfg.base_checkpoint is not None:
-            model.load_state_dict(load_state(cfg.base_checkpoint))
+        model = initial_model(cfg)  # backbone weights, base_checkpoint: each checked against the network
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     strategy = ConsortiumStrategy(cfg, ledger, extra_config)
@@ -239,13 +241,28 @@ def run_federation(
         outcomes = strategy.collect(server_round, phase, sent, replies, state)
         state, aggregated = strategy.aggregate(phase, outcomes, state)
         _evaluate(strategy, grid, server_round, ArrayRecord(state), outcomes)
+        calib_dice, calib_images = consortium_dice((o.eval.get("calib_dice"), o.eval.get("calib_images"))
+                                                   for o in outcomes.values() if o.status != "revoked")
+        selection = select(selection, server_round, phase, calib_dice, cfg.selection)
         lines = _metric_lines(server_round, phase, outcomes, strategy.ledger, aggregated, time.time() - started)
+        lines[-1].update(calib_dice=calib_dice, calib_images=calib_images, **_selection_fields(selection))
         for line in lines:
             run.append(line)
-        run.save_round(server_round, state, strategy.ledger, cfg_hash)
+        run.save_round(server_round, state, strategy.ledger, cfg_hash, selection, calib_dice)
+        if selection.rolled_back:
+            log.warning("round %d: consortium calibration Dice %.3f fell more than %g below round %d's %.3f: "
+                        "rolled back, the next round starts from round %d", server_round, calib_dice,
+                        cfg.selection.rollback_margin, selection.best_round, selection.best_dice, selection.best_round)
+            state = run.start_state(server_round)
         if on_round:
             on_round(lines)
     return run.path
+
+
+def _selection_fields(selection: Selection) -> dict:
+    """The global metrics line's view of model selection (fl_server.report marks it)."""
+    return {"best_round": selection.best_round, "best_calib_dice": selection.best_dice,
+            "rolled_back": selection.rolled_back}
 
 
 def _preference_base(run: RunDir, cfg: ConsortiumConfig, state: dict, server_round: int) -> dict:
@@ -254,7 +271,7 @@ def _preference_base(run: RunDir, cfg: ConsortiumConfig, state: dict, server_rou
         return state
     if cfg.supervised.rounds == 0:
         return load_state(cfg.base_checkpoint)
-    return load_state(run.checkpoint(cfg.supervised.rounds))
+    return run.start_state(cfg.supervised.rounds)
 
 
 def _evaluate(strategy: ConsortiumStrategy, grid: Grid, server_round: int, arrays: ArrayRecord,

@@ -52,6 +52,10 @@ def _main(argv, held: ExitStack) -> int:
         sites = load_consortium_sites(cfg)
         for site in sites:  # every simulated site runs here: its device and work_dir must work here
             require_usable_site(site)
+        if cfg.base_checkpoint is not None or cfg.model.pretrained_weights is not None:
+            from shared.checkpoints import initial_model
+
+            initial_model(cfg)  # the files fit the network: one line now, not after Ray has started
     except ConfigError as exc:
         print(f"fl-sim: {exc}", file=sys.stderr)
         return 2

@@ -28,15 +28,18 @@ from typing import Any, Union
 
 import yaml
 
+from shared.networks import MODEL_NAMES, config_problem  # no torch import: MONAI loads only when needed
+
 JUDGE_KINDS = ("agreement", "uncertainty", "learned", "oracle")
 DEVICES = ("auto", "cpu", "cuda")
 METHODS = ("rn_dpo", "dpo", "pseudo_label", "entropy", "none")
 MINING_STRATEGIES = ("top_bottom", "top_random", "gap", "skip_top", "top_identity")
 AGGREGATIONS = ("reliability", "fedavg", "median", "krum")
 REFERENCES = ("round", "base")
-MODELS = ("unet", "basic_unet")
+MODELS = MODEL_NAMES  # shared.networks: the MONAI 2D networks a consortium can train
 TTA_TRANSFORMS = ("identity", "hflip", "vflip", "hvflip", "rot90", "rot270")
 THRESHOLD_MAPS = ("mean", "identity")
+PHASES = ("supervised", "preference")
 SPLITS = ("labeled", "calibration", "unlabeled", "test")
 
 
@@ -165,12 +168,18 @@ class SiteConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The network (shared.networks): flat keys where it has them, `args` for the rest of its
+    constructor (checked against it at load), `pretrained_weights` a backbone file on disk
+    (flexible_unet; never downloaded)."""
+
     name: str = field(default="unet", metadata=_choice(*MODELS))
     in_channels: int = field(default=1, metadata=_check(lambda v: v in (1, 3), "must be 1 or 3"))
     channels: tuple[int, ...] = (16, 32, 64, 128)
     strides: tuple[int, ...] = (2, 2, 2)
     num_res_units: int = field(default=2, metadata=_non_negative)
     dropout: float = field(default=0.1, metadata=_probability)
+    args: dict[str, Any] = field(default_factory=dict)
+    pretrained_weights: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -267,6 +276,22 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
+class SelectionConfig:
+    """Which round's model the run keeps as best.pt, and when a round is undone (shared.selection).
+
+    The best round has the highest consortium calibration Dice (never test Dice: that would make
+    the reported score optimistic). A round of a phase in `rollback_phases` whose calibration Dice
+    falls more than `rollback_margin` below the best is rolled back: the next round starts from the
+    best model (None: never). Preference rounds by default, where a misled judge can pull the model
+    down; supervised rounds learn from true masks, and an early dip there is not a reason to undo.
+    """
+
+    rollback_margin: float | None = field(default=0.02, metadata=_probability)
+    rollback_phases: tuple[str, ...] = field(default=("preference",), metadata=_check(
+        lambda v: set(v) <= set(PHASES) and len(set(v)) == len(v), f"must list distinct phases of {', '.join(PHASES)}"))
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """Deployment only: where the SuperLink listens, what its certificate names, which sites
     get keys (default: the names of the site YAMLs listed under `sites`)."""
@@ -289,6 +314,7 @@ class ConsortiumConfig:
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     source_file: Path | None = field(default=None, metadata={"internal": True})
 
@@ -469,6 +495,10 @@ def _convert(hint, value, key: str, ctx: _Context):
         return _convert(inner, value, key, ctx)
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, key, ctx)
+    if origin is dict:  # free-form settings (model.args): names checked by whoever owns them
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ctx.error(key, f"expected a mapping of names to values, got {_describe(value)}")
+        return dict(value)
     if origin is tuple:
         if not isinstance(value, list):
             raise ctx.error(key, f"expected a list, got {_describe(value)}")
@@ -601,11 +631,19 @@ def _check_consortium(cfg: ConsortiumConfig, path: Path) -> None:
     ctx = _Context(path)
     if not cfg.sites and not cfg.server.sites:
         raise ctx.error("sites", "list at least one site YAML (simulation) or name sites under server.sites (deployment)")
+    problem = config_problem(cfg.model)
+    if problem:
+        raise ctx.error(*problem)
     if len(cfg.model.strides) != len(cfg.model.channels) - 1:
         raise ctx.error(
             "model.strides",
             f"needs one stride fewer than model.channels ({len(cfg.model.channels)} channels, {len(cfg.model.strides)} strides)",
         )
+    mc = cfg.preference.proposals.mc_samples
+    if cfg.preference.rounds > 0 and mc > 0 and cfg.model.dropout == 0:
+        raise ctx.error("preference.proposals.mc_samples", f"{mc} MC-dropout samples need model.dropout > 0: without "
+                        "dropout every sample repeats the identity pass (duplicate proposals, which the agreement "
+                        "judge counts as consensus); set mc_samples: 0 or model.dropout > 0")
     bad = [t for t in cfg.preference.proposals.tta if t not in TTA_TRANSFORMS]
     if bad:
         raise ctx.error("preference.proposals.tta", f"{bad[0]!r} is not one of {', '.join(TTA_TRANSFORMS)}")

@@ -34,6 +34,7 @@ def model_from_config(model_cfg: ModelConfig) -> torch.nn.Module:
         strides=model_cfg.strides,
         num_res_units=model_cfg.num_res_units,
         dropout=model_cfg.dropout,
+        args=model_cfg.args,
     )
 
 
@@ -97,12 +98,19 @@ def train_round(
 
 def evaluate_round(site: SiteConfig, model_cfg: ModelConfig, state: Mapping[str, torch.Tensor],
                    splits: dict[str, SplitData] | None = None) -> dict:
-    """Dice and HD95 of the received model on the site's held-out test split."""
+    """Dice and HD95 of the received model on the site's held-out test split and, when `splits`
+    has a labelled calibration split, its Dice there (`calib_dice`, `calib_images`): the server
+    selects the best round on calibration, never on test (shared.selection)."""
     _check_channels(site, model_cfg)
     device = resolve_device(site.device)
-    splits = splits or load_site_data(site, splits=("test",))
+    splits = splits or load_site_data(site, splits=("test", "calibration"))
     model = load_model(model_cfg, state).to(device)
-    return evaluate(model, splits["test"], device)
+    scores = evaluate(model, splits["test"], device)
+    calibration = splits.get("calibration")
+    if calibration is not None and calibration.masks is not None:
+        calib = evaluate(model, calibration, device, hd95=False)
+        scores.update(calib_dice=calib["dice"], calib_images=calib["n_images"])
+    return scores
 
 
 def _check_channels(site: SiteConfig, model_cfg: ModelConfig) -> None:

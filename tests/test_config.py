@@ -76,7 +76,7 @@ def _strip(cfg):
 MALFORMED = {
     "unknown key": (
         "a.yaml", SITE + "colour: red\n",
-        "a.yaml: colour: unknown key; valid keys here are name, data, work_dir, image_size, channels, judge, device, deployment",
+        "a.yaml: colour: unknown key; valid keys here are name, data, work_dir, image_size, channels, judge, device, min_images, deployment",
     ),
     "unknown nested key": (
         "a.yaml", SITE + "judge: {kind: oracle, nois_std: 0.1}\n",
