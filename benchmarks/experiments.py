@@ -271,6 +271,11 @@ OPTIONS_ADDED_LATER = {("preference", "reference"): "round", ("aggregation", "kr
                        ("model", "args"): {}, ("model", "pretrained_weights"): None}
 
 
+# Site options added later, likewise: `min_images` (no figure from fewer images leaves a site) at
+# 5 changes nothing in these grids, whose smallest split holds 9 images.
+SITE_OPTIONS_ADDED_LATER = {"min_images": 5}
+
+
 def _digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -285,6 +290,11 @@ def _identity(consortium: dict) -> dict:
         if kept.get(section) == {}:  # a section added later, every option at its earlier behaviour
             kept.pop(section)
     return kept
+
+
+def _site_identity(site: dict) -> dict:
+    """The site dict without the later-added options that sit at their earlier behaviour."""
+    return {k: v for k, v in site.items() if SITE_OPTIONS_ADDED_LATER.get(k, object()) != v}
 
 
 def _write_configs(folder: Path, consortium: dict, sites: list[dict]) -> Path:
@@ -415,7 +425,7 @@ def prepare_run(preset: Preset, task: Task, arm: Arm, seed: int, base_ckpt: Path
     missing = [s for s in arm.site_judges if s not in names]
     if missing and all(s not in [x["name"] for x in site_dicts(preset.tasks[t], seed)] for t in arm.tasks for s in missing):
         raise PresetError(f"{preset.file}: arm {arm.name}: site_judges: {missing[0]!r} is no site of its tasks")
-    stamp = _digest({"consortium": _identity(consortium), "sites": sites})
+    stamp = _digest({"consortium": _identity(consortium), "sites": [_site_identity(s) for s in sites]})
     rounds = int(consortium["preference"]["rounds"])
     stale = (folder / "spec.json").exists() and json.loads((folder / "spec.json").read_text()).get("digest") != stamp
     if stale and read_only:  # report what is there; never delete or rewrite in a report
