@@ -41,7 +41,7 @@ import torch
 from shared.config import MINING_STRATEGIES, MiningConfig, ProposalConfig
 from shared.judges.base import Judge, check_scores
 from shared.proposals import ProposalSet, iter_proposals, plausible, proposal_labels
-from shared.reliability import dice_scores, reliability_report
+from shared.reliability import dice_scores, informative_report, reliability_report
 
 __all__ = ["MinedPairs", "mine_pairs", "gather_pairs", "mine_split", "candidate_pairs", "headroom"]
 
@@ -294,6 +294,7 @@ def mine_split(
     truth: torch.Tensor | None = None,
     chunk_size: int = 64,
     seed: int = 0,
+    informative_gap: float = 0.05,
 ) -> tuple[MinedPairs, dict]:
     """Proposals -> judge -> mining over a whole split, chunk by chunk, keeping only the pairs.
 
@@ -309,6 +310,8 @@ def mine_split(
         truth: (N, 1, H, W) ground truth or None. Used only to measure: the judge never gets it.
         chunk_size: images per chunk (rounded as in ``iter_proposals``); bounds memory.
         seed: seeds the MC-dropout proposals and the ``top_random`` choices.
+        informative_gap: with truth, the true-Dice gap of the informative pairs
+            (``reliability.informative_report``; measured over plausible proposals, not mined pairs).
 
     Returns:
         ``(pairs, stats)``: MinedPairs with ``image_index`` into ``images``, and plain numbers:
@@ -316,7 +319,8 @@ def mine_split(
         ``implausible_fraction`` (share of proposals mining ignored), ``score_gap_mean``,
         ``disagreement_q10 / q50 / q90`` (fractions of the image; all 0.0 without pairs),
         ``seconds_proposals / seconds_judge / seconds_mining``, and with truth the keys of
-        ``reliability_report`` (pair_accuracy, spearman, pair_gain, ...) and the headroom:
+        ``reliability_report`` (pair_accuracy, spearman, pair_gain, ...), of ``informative_report``
+        (informative_pairs, informative_pair_accuracy, informative_wilson) and the headroom:
         ``dice_identity`` (mean true Dice of the model's own prediction), ``dice_best`` (of the
         best plausible proposal: what a perfect judge would pick), ``dice_pick`` (of the judge's
         top plausible proposal), ``dice_chosen`` (of the chosen masks of the mined pairs) and
@@ -374,6 +378,7 @@ def mine_split(
             table = {"scores": torch.zeros(0, k), "dice": torch.zeros(0, k), "pairs": torch.zeros(0, 3, dtype=torch.long),
                      "allowed": torch.zeros(0, k, dtype=torch.bool), "identity": torch.zeros(0)}
         stats.update(reliability_report(table["scores"], table["dice"], table["pairs"]))
+        stats.update(informative_report(table["scores"], table["dice"], table["allowed"], informative_gap))
         stats.update(headroom(table["scores"], table["dice"], table["allowed"], table["identity"], table["pairs"]))
         stats.pop("n_images", None)  # same as "images"
     return mined, stats

@@ -9,10 +9,21 @@ the result is compared with the true Dice of every proposal:
   the images where both vary;
 - ``pair_gain``: mean true Dice(chosen) - Dice(rejected) over the mined pairs.
 
+Mined pairs depend on the mining settings (and top-vs-bottom pairs often include a degenerate
+mask any judge ranks last), so the ledger acts on figures that do not:
+
+- ``informative_pairs``: every within-image pair of plausible proposals whose TRUE Dice differs
+  by at least ``gap`` (a gap on true Dice, so it cannot depend on a judge's score scale);
+- ``informative_pair_accuracy``: the share of them the judge orders like the truth (a score tie
+  counts one half); ``informative_wilson``: its 95 % Wilson lower bound, which is low when the
+  pairs are few, so a handful of images cannot earn trust.
+
 Dice of two empty masks is 1 throughout. Masks may be uint8, bool or float; nonzero is foreground.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -24,6 +35,9 @@ __all__ = [
     "spearman",
     "spearman_per_image",
     "reliability_report",
+    "wilson_lower_bound",
+    "informative_pairs",
+    "informative_report",
 ]
 
 _BLOCK_BYTES = 64 * 2**20  # float working memory per block of images
@@ -160,6 +174,55 @@ def reliability_report(scores: torch.Tensor, true_dice: torch.Tensor, pairs: tor
     }
 
 
+def wilson_lower_bound(successes: float, n: float, z: float = 1.96) -> float:
+    """Wilson score lower bound of a proportion: what the accuracy is at least, given how few
+    trials back it (8/10 -> 0.490, 80/100 -> 0.711). 0.0 with no trials: no evidence, no trust.
+    Successes may be fractional (ties count one half) and n an effective (decayed) count."""
+    if n <= 0:
+        return 0.0
+    p = min(max(successes / n, 0.0), 1.0)
+    z2 = z * z
+    centre = p + z2 / (2 * n)
+    margin = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return max(0.0, (centre - margin) / (1 + z2 / n))
+
+
+def informative_pairs(true_dice: torch.Tensor, allowed: torch.Tensor, gap: float) -> torch.Tensor:
+    """The within-image pairs that carry information: both proposals plausible and their true
+    Dice at least ``gap`` apart (a true tie says nothing about a judge).
+
+    Args:
+        true_dice: (N, K); allowed: (N, K) bool, the plausible proposals; gap: > 0, on true Dice.
+
+    Returns:
+        (P, 3) int64 rows of (image, truly better k, truly worse k), by image, then k.
+    """
+    _check_table(true_dice, allowed)
+    if gap <= 0:
+        raise ValueError(f"the informative gap must be positive, got {gap}")
+    n, k = true_dice.shape
+    d = true_dice.double()
+    better = (d.unsqueeze(2) - d.unsqueeze(1) >= gap - 1e-9) & allowed.unsqueeze(2) & allowed.unsqueeze(1)
+    img, a, b = better.nonzero(as_tuple=True)
+    return torch.stack([img, a, b], dim=1).long().reshape(-1, 3)
+
+
+def informative_report(scores: torch.Tensor, true_dice: torch.Tensor, allowed: torch.Tensor, gap: float) -> dict:
+    """The judge on the informative pairs: ``informative_pairs`` (count),
+    ``informative_pair_accuracy`` (0.5 with none) and ``informative_wilson`` (its 95 % lower
+    bound, 0.0 with none). Independent of the mining settings by construction."""
+    _check_table(scores, true_dice)
+    pairs = informative_pairs(true_dice, allowed, gap)
+    n = int(pairs.shape[0])
+    if n == 0:
+        return {"informative_pairs": 0, "informative_pair_accuracy": 0.5, "informative_wilson": 0.0}
+    s = scores.double()
+    sa, sb = s[pairs[:, 0], pairs[:, 1]], s[pairs[:, 0], pairs[:, 2]]
+    correct = float(((sa > sb).double() + 0.5 * (sa == sb).double()).sum())
+    return {"informative_pairs": n, "informative_pair_accuracy": correct / n,
+            "informative_wilson": wilson_lower_bound(correct, n)}
+
+
 # ----------------------------------------------------------------------------- internals
 
 
@@ -193,7 +256,7 @@ def _check_pairs(pairs: torch.Tensor, true_dice: torch.Tensor) -> torch.Tensor:
 
 def _check_table(scores: torch.Tensor, true_dice: torch.Tensor) -> None:
     if scores.dim() != 2 or scores.shape != true_dice.shape:
-        raise ValueError(f"scores {tuple(scores.shape)} and true_dice {tuple(true_dice.shape)} must both be (N, K)")
+        raise ValueError(f"tables of shapes {tuple(scores.shape)} and {tuple(true_dice.shape)} must both be (N, K)")
 
 
 def _count_dtype(pixels: int) -> torch.dtype:

@@ -12,8 +12,13 @@ from shared.config import MiningConfig
 from shared.judges import OracleJudge
 from shared.mining import mine_pairs
 from shared.proposals import ProposalSet
+from shared.config import AggregationConfig
+from shared.ledger import EXCLUDED, TRUSTED, Ledger
 from shared.reliability import (
     dice_scores,
+    informative_pairs,
+    informative_report,
+    wilson_lower_bound,
     pair_accuracy,
     pair_gain,
     pairwise_overlaps,
@@ -134,3 +139,87 @@ def test_zero_pairs_and_zero_images_are_nan_free():
     empty = reliability_report(torch.zeros(0, 1), torch.zeros(0, 1), torch.zeros(0, 3, dtype=torch.long))
     assert all(math.isfinite(v) for v in empty.values())
     assert empty["pair_accuracy"] == 0.5 and empty["n_pairs"] == 0 and empty["n_images"] == 0
+
+
+# ----------------------------------------------------------------------------- informative pairs, Wilson bound
+
+
+@pytest.mark.parametrize("successes, n, expected", [
+    # p = 0.8, z^2 = 3.8416: (0.8 + 0.19208 - 1.96 sqrt(0.016 + 0.009604)) / 1.38416 = 0.67846 / 1.38416
+    (8, 10, 0.4902),
+    (80, 100, 0.7112),   # (0.8 + 0.019208 - 1.96 sqrt(0.0016 + 0.00009604)) / 1.038416
+    (10, 10, 0.7225),    # p = 1: 1 / (1 + z^2 / n) = 1 / 1.38416
+    (0, 10, 0.0),        # p = 0: centre and margin are both z^2 / 2n
+    (0, 0, 0.0),         # no trials: no evidence, no trust
+])
+def test_wilson_lower_bound_by_hand(successes, n, expected):
+    assert wilson_lower_bound(successes, n) == pytest.approx(expected, abs=5e-5)
+
+
+def test_informative_pairs_by_hand():
+    # image 0: proposal 3 is implausible; true Dice gaps 0.25 (0-1), 0.5 (0-2), 0.25 (1-2)
+    true_dice = torch.tensor([[1.0, 0.75, 0.5, 0.875], [0.5, 0.5, 0.5, 0.5]])
+    allowed = torch.tensor([[True, True, True, False], [True] * 4])
+    assert informative_pairs(true_dice, allowed, 0.25).tolist() == [[0, 0, 1], [0, 0, 2], [0, 1, 2]]
+    assert informative_pairs(true_dice, allowed, 0.3).tolist() == [[0, 0, 2]]  # image 1: all tied, none
+    assert informative_pairs(true_dice, torch.ones(2, 4, dtype=torch.bool), 0.375).tolist() == [[0, 0, 2], [0, 3, 2]]
+    with pytest.raises(ValueError, match="positive"):
+        informative_pairs(true_dice, allowed, 0.0)
+
+
+def test_informative_report_by_hand():
+    true_dice = torch.tensor([[1.0, 0.75, 0.5, 0.875]])
+    allowed = torch.tensor([[True, True, True, False]])
+    # (0, 1): 3 > 1 right; (0, 2): 3 > 2 right; (1, 2): 1 < 2 wrong -> 2 / 3
+    report = informative_report(torch.tensor([[3.0, 1.0, 2.0, 9.0]]), true_dice, allowed, 0.25)
+    assert report["informative_pairs"] == 3
+    assert report["informative_pair_accuracy"] == pytest.approx(2 / 3)
+    assert report["informative_wilson"] == pytest.approx(wilson_lower_bound(2, 3))
+    # a score tie counts one half: (0, 1) tied, the others right -> 2.5 / 3
+    tie = informative_report(torch.tensor([[3.0, 3.0, 2.0, 9.0]]), true_dice, allowed, 0.25)
+    assert tie["informative_pair_accuracy"] == pytest.approx(2.5 / 3)
+    none = informative_report(torch.zeros(1, 4), torch.full((1, 4), 0.5), allowed, 0.25)
+    assert none == {"informative_pairs": 0, "informative_pair_accuracy": 0.5, "informative_wilson": 0.0}
+
+
+def _inverted_on_informative(n_images=9):
+    """A judge right on the trivial pairs, wrong on every informative one.
+
+    Per image, true Dice of 5 proposals: 0.80, 0.60, 0.40, 0.41 and an empty mask (0.0, implausible).
+    The judge ranks the empty mask last (right: top-vs-bottom mining picks it as rejected) and the
+    near-tie 2-3 (Dice gap 0.01 < 0.05: trivial) either way, but orders 0 < 1 < 3 < 2: every pair of
+    plausible proposals at least 0.05 apart (0-1, 0-2, 0-3, 1-2, 1-3) is inverted.
+    """
+    true_dice = torch.tensor([[0.80, 0.60, 0.40, 0.41, 0.0]]).repeat(n_images, 1)
+    scores = torch.tensor([[0.2, 0.5, 0.8, 0.79, 0.0]]).repeat(n_images, 1)
+    allowed = torch.tensor([[True, True, True, True, False]]).repeat(n_images, 1)
+    masks = torch.zeros(n_images, 5, 4, 4, dtype=torch.uint8)
+    for k in range(4):
+        masks[:, k, : 4 - k] = 1  # distinct masks; proposal 4 empty
+    return scores, true_dice, allowed, masks
+
+
+def _ledger_figures(scores, true_dice, allowed, masks):
+    """What a site reports: mined pairs (top-vs-bottom, every proposal a candidate) and informative pairs."""
+    pairs = mine_pairs(scores, masks, MiningConfig())
+    return reliability_report(scores, true_dice, pairs) | informative_report(scores, true_dice, allowed, 0.05)
+
+
+def test_a_judge_inverted_on_informative_pairs_only_is_excluded():
+    scores, true_dice, allowed, masks = _inverted_on_informative()
+    figures = _ledger_figures(scores, true_dice, allowed, masks)
+    assert figures["pair_accuracy"] == 1.0  # the mined pairs (best vs the empty mask) look perfect
+    assert figures["informative_pairs"] == 45 and figures["informative_pair_accuracy"] == 0.0
+    wilson, ema_point = Ledger(), Ledger()
+    for r in (1, 2, 3):
+        wilson.record_reliability("site", r, figures, AggregationConfig())
+        ema_point.record_reliability("site", r, figures, AggregationConfig(statistic="ema_point"))
+    assert wilson.site("site").state == EXCLUDED and wilson.factor("site") == 0.0
+    assert ema_point.site("site").state == TRUSTED  # the old rule was fooled by the trivial pairs
+
+    honest = _ledger_figures(true_dice, true_dice, allowed, masks)  # scores = true Dice
+    ledger = Ledger()
+    ledger.record_reliability("site", 1, honest, AggregationConfig())
+    # 45 of 45 right: bound 1 / (1 + 3.8416 / 45) = 0.9213, factor (0.9213 - 0.5) / 0.5
+    assert ledger.site("site").state == TRUSTED
+    assert ledger.factor("site") == pytest.approx((0.9213 - 0.5) / 0.5, abs=1e-3)
