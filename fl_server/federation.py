@@ -25,7 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from shared.aggregation import Contribution, combine, norm_outliers, site_weights, update_norm, update_problem
-from shared.config import ConsortiumConfig, PreferenceConfig, to_dict
+from shared.config import AggregationConfig, ConsortiumConfig, PreferenceConfig, to_dict
 from shared.ledger import EXCLUDED, Ledger
 from shared.model import load_state
 from shared.selection import Selection, consortium_dice, select
@@ -65,6 +65,7 @@ class ConsortiumStrategy:
             "model": json.dumps(to_dict(self.cfg.model)),
             "supervised": json.dumps(to_dict(self.cfg.supervised)),
             "preference": json.dumps(to_dict(preference)),
+            "calibration": json.dumps(calibration_settings(self.cfg.aggregation, self.cfg.preference)),
             **self.extra_config,
         })
 
@@ -147,6 +148,8 @@ class ConsortiumStrategy:
                 self.ledger.record_problem(site, server_round, outcome.status)
             elif phase == "preference":
                 figures = {k[len("rel_"):]: v for k, v in outcome.train.items() if k.startswith("rel_")}
+                figures.update({k: v for k, v in outcome.train.items()
+                                if k.startswith("outcome_") or k in ("pairs_used", "gated")})
                 self.ledger.record_reliability(site, server_round, figures, self.cfg.aggregation)
         return outcomes
 
@@ -170,7 +173,7 @@ class ConsortiumStrategy:
         contributions = {site: Contribution(
             examples=outcomes[site].train.get("num-examples", 0.0),
             judged=preference and outcomes[site].train.get("pairs_used", 1.0) > 0,
-            judge_factor=self.ledger.factor(site),
+            judge_factor=self.ledger.factor(site, agg.statistic),
             excluded=self.ledger.site(site).state == EXCLUDED,
         ) for site in accepted}
         weights = site_weights(contributions, reliability=preference and agg.kind == "reliability",
@@ -179,9 +182,7 @@ class ConsortiumStrategy:
             outcomes[site].weight = weights.sites[site]
         for site in weights.excluded:
             outcomes[site].status = "excluded"
-            outcomes[site].reason = (f"judge excluded by the ledger: EMA pair accuracy "
-                                     f"{self.ledger.site(site).ema.get('pair_accuracy', float('nan')):.2f} "
-                                     f"< exclude_below {agg.exclude_below:g}")
+            outcomes[site].reason = exclusion_reason(self.ledger.site(site), agg)
         if len(accepted) < self.cfg.federation.min_sites:
             log.warning("only %d of the required %d sites replied usefully: global model unchanged",
                         len(accepted), self.cfg.federation.min_sites)
@@ -195,6 +196,27 @@ class ConsortiumStrategy:
         for site in accepted:
             outcomes[site].weight = shares[site]
         return state, True
+
+
+def calibration_settings(agg: AggregationConfig, preference: PreferenceConfig) -> dict:
+    """What a site measures its judge with, whatever its ledger state: the informative gap and, under
+    the wilson statistic, the consortium's base mining (probation changes what a site trains on,
+    not what is measured; `ema_point` keeps the earlier behaviour: calibration mined as trained)."""
+    return {"informative_gap": agg.informative_gap,
+            "mining": to_dict(preference.mining) if agg.statistic == "wilson" else None}
+
+
+def exclusion_reason(record, agg: AggregationConfig) -> str:
+    """One line saying why the ledger excludes a site: its harmful outcomes, or its judge figure."""
+    if agg.statistic == "ema_point":
+        return (f"judge excluded by the ledger: EMA pair accuracy {record.ema.get('pair_accuracy', float('nan')):.2f} "
+                f"< exclude_below {agg.exclude_below:g}")
+    if agg.outcome_margin is not None and record.harm_streak >= agg.outcome_rounds:
+        return (f"judge excluded by the ledger: its updates lowered calibration Dice by more than "
+                f"{agg.outcome_margin:g} in {record.harm_streak} rounds in a row")
+    bound = record.bound()
+    return (f"judge excluded by the ledger: Wilson bound of informative-pair accuracy "
+            f"{float('nan') if bound is None else bound:.2f} < exclude_below {agg.exclude_below:g}")
 
 
 def run_federation(
@@ -298,6 +320,8 @@ def _metric_lines(server_round: int, phase: str, outcomes: dict[str, SiteOutcome
         line = {"kind": "site", "round": server_round, "phase": phase, "site": site, "status": o.status,
                 "train": o.train, "eval": o.eval, "weight": o.weight,
                 "state": ledger.site(site).state}
+        if ledger.site(site).bound() is not None:
+            line["bound"] = ledger.site(site).bound()  # the pooled Wilson bound the state comes from
         if o.reason:
             line["reason"] = o.reason
         lines.append(line)

@@ -282,8 +282,10 @@ def _text_table(header: list[str], rows: list[list[str]], numeric: set[int]) -> 
 def round_table(lines: list[dict]) -> str:
     """fl-sim's live table for one round: one row per site, then a mean row from the global line.
 
-    Columns: site, phase, status, dice, hd95, pair_acc, pairs, weight, state, then the round's
-    headroom on calibration: identity (Dice of the model's own mask), best_k (of the best of its
+    Columns: site, phase, status, dice, hd95, pair_acc (mined pairs), inf_acc (this round's
+    informative-pair accuracy), bound (the ledger's pooled Wilson bound its state comes from),
+    pairs, weight, state, outcome (calibration Dice of the site's update minus the received
+    model's), then the round's headroom on calibration: identity (Dice of the model's own mask), best_k (of the best of its
     K plausible proposals) and pick (of the judge's top proposal). Numbers have 3 decimals,
     missing values are '-'. ``lines`` holds the site lines of one round and,
     optionally, its global line; duplicates are resolved as in ``read_metrics``.
@@ -292,14 +294,14 @@ def round_table(lines: list[dict]) -> str:
     rounds = sorted({_as_int(r.get("round")) for r in lines})
     if len(rounds) > 1:
         raise ValueError(f"round_table: expected the lines of one round, got rounds {rounds}")
-    header = ["site", "phase", "status", "dice", "hd95", "pair_acc", "pairs", "weight", "state",
-              "identity", "best_k", "pick"]
+    header = ["site", "phase", "status", "dice", "hd95", "pair_acc", "inf_acc", "bound", "pairs", "weight", "state",
+              "outcome", "identity", "best_k", "pick"]
     sites = sorted(_site_lines(lines), key=lambda r: str(r["site"]))
     rows = [_round_row(r) for r in sites]
     glob = next(iter(_global_lines(lines)), None)
     rows.append(_mean_row(glob, sites))
     title = _round_title(rounds[0] if rounds else None, glob)
-    return title + "\n" + _text_table(header, rows, numeric={3, 4, 5, 6, 7, 9, 10, 11})
+    return title + "\n" + _text_table(header, rows, numeric={3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 14})
 
 
 HEADROOM = ("rel_dice_identity", "rel_dice_best", "rel_dice_pick")
@@ -318,9 +320,12 @@ def _round_row(record: dict) -> list[str]:
         _fmt(_get(record, "eval", "dice")),
         _fmt(_get(record, "eval", "hd95")),
         _fmt(_get(record, "train", "rel_pair_accuracy")),
+        _fmt(_number(_get(record, "train", "rel_informative_pair_accuracy"))),
+        _fmt(_number(record.get("bound"))),
         _fmt(_as_count(_get(record, "train", "pairs_used"))),
         _fmt(record.get("weight")),
         _fmt(record.get("state")),
+        _fmt(_number(_get(record, "train", "outcome_gain"))),
     ] + [_fmt(_number(_get(record, "train", key))) for key in HEADROOM]
 
 
@@ -342,9 +347,12 @@ def _mean_row(glob: dict | None, sites: list[dict]) -> list[str]:
         _fmt(_number(glob.get("mean_dice"))),
         _fmt(_number(glob.get("mean_hd95"))),
         _fmt(sum(accuracies) / len(accuracies) if accuracies else None),
+        _fmt(_site_mean(sites, "rel_informative_pair_accuracy")),
+        _MISSING,
         _fmt(int(sum(pairs)) if pairs else None),
         _MISSING,
         _MISSING,
+        _fmt(_site_mean(sites, "outcome_gain")),
     ] + [_fmt(_site_mean(sites, key)) for key in HEADROOM]
 
 
@@ -408,11 +416,11 @@ def status_table(run_dir: str | os.PathLike) -> str:
     lines = read_metrics(run_dir)
     ledger = read_ledger(run_dir)
     groups = _by_site(lines)
-    header = ["site", "state", "ema_acc", "ema_spearman", "ema_gain", "last_weight",
+    header = ["site", "state", "inf_acc", "bound", "ema_acc", "ema_spearman", "ema_gain", "last_weight",
               "failures", "rejected", "last_round"]
     rows = [_status_row(name, ledger.get("sites", {}).get(name, {}), groups.get(name, []))
             for name in _site_names(lines, ledger)]
-    table = _text_table(header, rows, numeric={2, 3, 4, 5, 6, 7, 8}) if rows else "(no sites yet)"
+    table = _text_table(header, rows, numeric={2, 3, 4, 5, 6, 7, 8, 9, 10}) if rows else "(no sites yet)"
     latest = _latest_global(lines)
     mean = f"{_fmt(_number(latest['mean_dice']))} (round {latest['round']})" if latest else _MISSING
     best = best_round_line(lines)
@@ -432,6 +440,8 @@ def _status_row(name: str, entry: dict, records: list[dict]) -> list[str]:
     return [
         name,
         _fmt(state),
+        _fmt(_pooled(entry, bound=False)),
+        _fmt(_pooled(entry, bound=True)),
         _fmt(_number(_get(entry, "ema", "pair_accuracy"))),
         _fmt(_number(_get(entry, "ema", "spearman"))),
         _fmt(_number(_get(entry, "ema", "pair_gain"))),
@@ -440,6 +450,18 @@ def _status_row(name: str, entry: dict, records: list[dict]) -> list[str]:
         _fmt(entry.get("rejected")),
         _fmt(max(seen) if seen and max(seen) >= 0 else None),
     ]
+
+
+def _pooled(entry: dict, bound: bool) -> float | None:
+    """The ledger's pooled informative-pair accuracy, or its Wilson bound as the last history entry
+    recorded it (None: no evidence, or a ledger written before the bound existed)."""
+    if bound:
+        history = [h for h in entry.get("history") or [] if isinstance(h, dict)]
+        value = _number(history[-1].get("bound")) if history else None
+        return None if value is None or math.isnan(value) else value
+    pooled = entry.get("pooled") or {}
+    pairs, correct = _number(pooled.get("pairs")), _number(pooled.get("correct"))
+    return correct / pairs if pairs and correct is not None else None
 
 
 # ----------------------------------------------------------------------------- plots

@@ -35,6 +35,7 @@ DEVICES = ("auto", "cpu", "cuda")
 METHODS = ("rn_dpo", "dpo", "pseudo_label", "entropy", "none")
 MINING_STRATEGIES = ("top_bottom", "top_random", "gap", "skip_top", "top_identity")
 AGGREGATIONS = ("reliability", "fedavg", "median", "krum")
+LEDGER_STATISTICS = ("wilson", "ema_point")
 REFERENCES = ("round", "base")
 MODELS = MODEL_NAMES  # shared.networks: the MONAI 2D networks a consortium can train
 TTA_TRANSFORMS = ("identity", "hflip", "vflip", "hvflip", "rot90", "rot270")
@@ -267,6 +268,17 @@ class AggregationConfig:
     norm_outlier_factor: float = field(default=5.0, metadata=_positive)
     krum_byzantine: int = field(default=1, metadata=_non_negative)
     damped: bool = True
+    # what the ledger's state and weight factor come from (shared.ledger): `wilson` = the 95 %
+    # Wilson lower bound of informative-pair accuracy, pooled over rounds, plus the outcome check;
+    # `ema_point` = the EMA of mined-pair accuracy (the rule before; calibration then mined with
+    # the site's probation settings, no outcome check)
+    statistic: str = field(default="wilson", metadata=_choice(*LEDGER_STATISTICS))
+    # informative pairs: plausible proposals whose TRUE Dice differs by at least this
+    informative_gap: float = field(default=0.05, metadata=_check(lambda v: 0 < v <= 1, "must be > 0 and at most 1"))
+    # outcome check: a judged update that lowers the site's calibration Dice by more than
+    # outcome_margin in outcome_rounds consecutive rounds excludes the site (None: no check)
+    outcome_margin: float | None = field(default=0.01, metadata=_probability)
+    outcome_rounds: int = field(default=2, metadata=_positive)
 
 
 @dataclass(frozen=True)

@@ -1,20 +1,28 @@
 """The judge-reliability ledger the server keeps per site (DESIGN.md section 4).
 
-Each preference round a site reports how its judge did on its calibration split. The ledger
-keeps those figures, an exponential moving average of them, and a state:
+Each preference round a site reports how its judge did on its calibration split. Under
+`aggregation.statistic: wilson` (the default) the ledger acts on a confidence bound:
 
-- `trusted`   : EMA pair accuracy >= probation_below; full weight factor, the consortium's
-                mining strategy and beta;
-- `probation` : exclude_below <= EMA pair accuracy < probation_below; still aggregated with its
-                (small) weight factor, but sent conservative settings for the next round:
-                `skip_top` mining (second-best vs worst, a hedge against a wrong top-1), a
-                minimum score gap of at least 0.05, and beta halved;
-- `excluded`  : EMA pair accuracy < exclude_below; contributes nothing to preference rounds
-                until its EMA recovers above exclude_below (it keeps training and reporting,
-                so recovery is seen).
+- evidence: the informative pairs of calibration (plausible proposals whose true Dice differs by
+  at least `informative_gap`; shared.reliability), counted and scored by the site with the
+  consortium's base mining settings, so probation never changes what is measured;
+- pooling: correct and total counts are decayed sums, C <- c + (1 - ema) C and N <- n + (1 - ema) N.
+  The point estimate C / N then weighs rounds exactly as the EMA of the accuracy did (recent rounds
+  count more, since the model and its proposals change), but by their evidence, and N says how
+  much evidence there is; `bound` is the 95 % Wilson lower bound of C / N;
+- state from the bound: `trusted` (bound >= probation_below), `probation` (exclude_below <= bound <
+  probation_below: still aggregated with its small factor, sent conservative settings for the next
+  round: `skip_top` mining, a score gap of at least 0.05, beta halved), `excluded` (bound <
+  exclude_below: contributes nothing to preference rounds until it recovers; it keeps training
+  and reporting, so recovery is seen);
+- outcome check (`outcome_margin`, `outcome_rounds`): a judge can rank calibration masks well and
+  still pull the model down. A round whose judged update lowered the site's calibration Dice by more
+  than outcome_margin is harmful; outcome_rounds harmful rounds in a row exclude the site whatever
+  its bound (a harmless round resets the count; a round without a judged update leaves it).
 
-The weight factor g rises linearly from 0 at chance (pair accuracy 0.5) to 1 at perfect:
-g = clip((acc - 0.5) / 0.5, 0, 1). A site's aggregation weight is pairs_used x g.
+The weight factor g rises linearly from 0 at chance (0.5) to 1 at perfect: g = clip((x - 0.5) / 0.5,
+0, 1), x the bound. A site's aggregation weight is pairs_used x g.
+`statistic: ema_point` is the rule before: state and g from the EMA of mined-pair accuracy.
 The ledger is a plain JSON file in the run directory, rewritten atomically after every round.
 """
 
@@ -27,9 +35,37 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.config import AggregationConfig, MiningConfig, PreferenceConfig
+from shared.reliability import wilson_lower_bound
 
 FIGURES = ("pair_accuracy", "spearman", "pair_gain")
 TRUSTED, PROBATION, EXCLUDED = "trusted", "probation", "excluded"
+_SEVERITY = (TRUSTED, PROBATION, EXCLUDED)
+
+
+def pooled_counts(correct: float, pairs: float, round_correct: float, round_pairs: float, ema: float) -> tuple[float, float]:
+    """Fold one round's informative-pair counts into the decayed sums (module docstring)."""
+    keep = 1.0 - ema
+    return round_correct + keep * correct, round_pairs + keep * pairs
+
+
+def harm_streak(streak: int, outcome_gain: float | None, margin: float | None) -> int:
+    """Consecutive harmful rounds: +1 when the judged update lowered calibration Dice by more than
+    `margin`, 0 after a harmless one, unchanged without evidence (or with the check off)."""
+    if margin is None or outcome_gain is None:
+        return streak
+    return streak + 1 if outcome_gain < -margin else 0
+
+
+def outcome_evidence(figures: dict) -> float | None:
+    """The round's outcome gain when the judge steered the update (pairs used, not gated), else None:
+    an anchor-only or empty round says nothing about the judge."""
+    if "outcome_gain" not in figures or figures.get("pairs_used", 0) <= 0 or figures.get("gated", 0) >= 1:
+        return None
+    return float(figures["outcome_gain"])
+
+
+def worse(a: str, b: str) -> str:
+    return max(a, b, key=_SEVERITY.index)
 
 
 def weight_factor(pair_accuracy: float) -> float:
@@ -46,6 +82,19 @@ class SiteRecord:
     last_round: int = 0
     history: list[dict] = field(default_factory=list)
     revoked: int = 0  # the round its key was first seen revoked (fl-server revoke), 0: never
+    pooled: dict[str, float] = field(default_factory=dict)  # decayed informative counts: correct, pairs
+    harm_streak: int = 0  # consecutive rounds whose judged update lowered calibration Dice
+
+    def bound(self) -> float | None:
+        """The Wilson lower bound of the pooled informative-pair accuracy (None: no evidence yet)."""
+        if self.pooled.get("pairs", 0.0) <= 0:
+            return None
+        return wilson_lower_bound(self.pooled["correct"], self.pooled["pairs"])
+
+    def estimate(self) -> float | None:
+        """The pooled informative-pair accuracy the bound belongs to (None: no evidence yet)."""
+        pairs = self.pooled.get("pairs", 0.0)
+        return self.pooled["correct"] / pairs if pairs > 0 else None
 
 
 @dataclass
@@ -57,9 +106,10 @@ class Ledger:
         return self.sites.setdefault(name, SiteRecord())
 
     def record_reliability(self, name: str, round_number: int, figures: dict, cfg: AggregationConfig) -> None:
-        """Fold one round's calibration figures into the EMA and update the state.
+        """Fold one round's calibration figures (and outcome) into the record and update the state.
 
-        A round whose calibration produced no pairs carries no evidence and leaves the EMA alone.
+        A round whose calibration produced no pairs carries no judge evidence and leaves the
+        EMA and pooled counts alone.
         """
         record = self.site(name)
         record.last_round = round_number
@@ -68,11 +118,29 @@ class Ledger:
                 value = float(figures[key])
                 old = record.ema.get(key)
                 record.ema[key] = value if old is None else cfg.ema * value + (1 - cfg.ema) * old
-            record.state = _state(record.ema["pair_accuracy"], cfg)
+        n_informative = float(figures.get("informative_pairs", 0))
+        if n_informative > 0:
+            correct = float(figures["informative_pair_accuracy"]) * n_informative
+            c, n = pooled_counts(record.pooled.get("correct", 0.0), record.pooled.get("pairs", 0.0),
+                                 correct, n_informative, cfg.ema)
+            record.pooled = {"correct": c, "pairs": n}
+        gain = outcome_evidence(figures)
+        if cfg.statistic == "ema_point":
+            if figures.get("n_pairs", 0) > 0:
+                record.state = _state(record.ema["pair_accuracy"], cfg)
+        else:
+            record.harm_streak = harm_streak(record.harm_streak, gain, cfg.outcome_margin)
+            bound = record.bound()
+            judged = _state(bound, cfg) if bound is not None else record.state
+            harmed = EXCLUDED if cfg.outcome_margin is not None and record.harm_streak >= cfg.outcome_rounds else TRUSTED
+            record.state = worse(judged, harmed)
         record.history.append(
             {"round": round_number, **{k: float(figures.get(k, float("nan"))) for k in FIGURES},
-             "n_pairs": int(figures.get("n_pairs", 0)), "state": record.state,
-             "weight_factor": self.factor(name)}
+             "n_pairs": int(figures.get("n_pairs", 0)),
+             "informative_pairs": int(n_informative),
+             "informative_pair_accuracy": figures.get("informative_pair_accuracy"),
+             "bound": record.bound(), "outcome_gain": gain, "harm_streak": record.harm_streak,
+             "state": record.state, "weight_factor": self.factor(name, cfg.statistic)}
         )
 
     def record_problem(self, name: str, round_number: int, kind: str) -> None:
@@ -85,12 +153,15 @@ class Ledger:
         else:
             record.rejected += 1
 
-    def factor(self, name: str) -> float:
-        """The reliability factor of a site's preference update (0 when excluded)."""
+    def factor(self, name: str, statistic: str = "wilson") -> float:
+        """The reliability factor of a site's preference update (0 when excluded or without evidence)."""
         record = self.site(name)
-        if record.state == EXCLUDED or "pair_accuracy" not in record.ema:
+        if record.state == EXCLUDED:
             return 0.0
-        return weight_factor(record.ema["pair_accuracy"])
+        if statistic == "ema_point":
+            return weight_factor(record.ema["pair_accuracy"]) if "pair_accuracy" in record.ema else 0.0
+        bound = record.bound()
+        return 0.0 if bound is None else weight_factor(bound)
 
     def settings_for(self, name: str, preference: PreferenceConfig) -> PreferenceConfig:
         """The preference settings this site gets next round (see the module docstring)."""

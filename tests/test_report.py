@@ -258,10 +258,11 @@ def test_status_table_lists_each_site(run_dir):
     table = _quiet(status_table, run_dir)
     rows = {line.split()[0]: line.split() for line in table.splitlines()[2:] if line.split()[0] in SITES}
     assert set(rows) == set(SITES)
-    # site, state, ema_acc, ema_spearman, ema_gain, last_weight, failures, rejected, last_round
-    assert rows["montgomery"] == ["montgomery", "trusted", "0.900", "0.600", "0.050", "0.500", "0", "0", "5"]
-    assert rows["shenzhen"][1] == "trusted" and rows["shenzhen"][6] == "1"
-    assert rows["jsrt"][1] == "excluded" and rows["jsrt"][5] == "0.000"
+    # site, state, inf_acc, bound, ema_acc, ema_spearman, ema_gain, last_weight, failures, rejected, last_round
+    # (a ledger written before the informative pairs: no pooled figure, no bound)
+    assert rows["montgomery"] == ["montgomery", "trusted", "-", "-", "0.900", "0.600", "0.050", "0.500", "0", "0", "5"]
+    assert rows["shenzhen"][1] == "trusted" and rows["shenzhen"][8] == "1"
+    assert rows["jsrt"][1] == "excluded" and rows["jsrt"][7] == "0.000"
     assert table.splitlines()[-1] == "rounds completed: 5   latest mean Dice: 0.770 (round 5)"
 
 
@@ -299,19 +300,19 @@ def test_round_table_aligns_and_marks_missing():
     table = round_table(lines)
     assert table.splitlines()[0] == "Round 4 (preference), 41.2 s, aggregated"
     header, *rows = _cells(table)
-    assert header == ["site", "phase", "status", "dice", "hd95", "pair_acc", "pairs", "weight", "state",
-                      "identity", "best_k", "pick"]
+    assert header == ["site", "phase", "status", "dice", "hd95", "pair_acc", "inf_acc", "bound", "pairs", "weight",
+                      "state", "outcome", "identity", "best_k", "pick"]
     by_site = {row[0]: row for row in rows}
     assert list(by_site) == ["jsrt", "montgomery", "shenzhen", "mean"]
-    assert by_site["shenzhen"] == ["shenzhen", "preference", "failed", "-", "-", "-", "-", "0.000", "trusted",
-                                   "-", "-", "-"]
-    assert by_site["montgomery"][3:8] == [f"{_dice('montgomery', 4):.3f}", f"{10 - 5 * _dice('montgomery', 4):.3f}",
-                                          "0.910", "9", "0.500"]
+    assert by_site["shenzhen"] == ["shenzhen", "preference", "failed", "-", "-", "-", "-", "-", "-", "0.000", "trusted",
+                                   "-", "-", "-", "-"]
+    assert by_site["montgomery"][3:10] == [f"{_dice('montgomery', 4):.3f}", f"{10 - 5 * _dice('montgomery', 4):.3f}",
+                                           "0.910", "-", "-", "9", "0.500"]
     # headroom on calibration: the model's own mask, the best of K, the judge's pick
-    assert by_site["montgomery"][9:] == ["0.700", "0.800", "0.791"]
+    assert by_site["montgomery"][12:] == ["0.700", "0.800", "0.791"]
     # mean row: global means, mean pair accuracy of the sites that have one, total pairs, mean headroom
-    assert by_site["mean"] == ["mean", "preference", "2 ok/1 failed", "0.760", "6.000", "0.715", "18", "-", "-",
-                               "0.700", "0.800", "0.771"]
+    assert by_site["mean"] == ["mean", "preference", "2 ok/1 failed", "0.760", "6.000", "0.715", "-", "-", "18", "-", "-",
+                               "-", "0.700", "0.800", "0.771"]
     # numeric columns are right-aligned: every value ends where its header ends
     header_line, rule = table.splitlines()[1:3]
     dice_end = header_line.index("dice") + len("dice")
@@ -330,8 +331,8 @@ def test_round_table_dedups_and_rejects_several_rounds():
 def test_round_table_without_global_line():
     table = round_table([_site_line(1, "supervised", "jsrt", 0.8123)])
     header, jsrt, mean = _cells(table)
-    assert jsrt == ["jsrt", "supervised", "ok", "0.812", "5.938", "-", "-", "-", "-", "-", "-", "-"]
-    assert mean == ["mean", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-"]
+    assert jsrt == ["jsrt", "supervised", "ok", "0.812", "5.938"] + ["-"] * 10
+    assert mean == ["mean"] + ["-"] * 14
 
 
 @pytest.mark.parametrize("value, expected", [

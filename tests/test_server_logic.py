@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 from types import SimpleNamespace
 
-from fl_server.federation import ConsortiumStrategy, SiteOutcome
+from fl_server.federation import ConsortiumStrategy, SiteOutcome, calibration_settings, exclusion_reason
 from shared.aggregation import norm_outliers, update_norm, update_problem, weighted_average
-from shared.config import AggregationConfig, ConsortiumConfig, PreferenceConfig
-from shared.ledger import EXCLUDED, PROBATION, TRUSTED, Ledger, weight_factor
+from shared.config import AggregationConfig, ConsortiumConfig, PreferenceConfig, to_dict
+from shared.ledger import (EXCLUDED, PROBATION, TRUSTED, Ledger, harm_streak, outcome_evidence, pooled_counts,
+                           weight_factor)
 
-AGG = AggregationConfig(ema=0.5, probation_below=0.65, exclude_below=0.55)
+AGG = AggregationConfig(ema=0.5, probation_below=0.65, exclude_below=0.55, statistic="ema_point")  # the EMA rule
 
 
 @pytest.mark.parametrize("accuracy, expected", [
@@ -33,14 +35,14 @@ def figures(acc, n=10):
 def test_ledger_moves_a_site_through_probation_to_exclusion_and_back():
     ledger = Ledger()
     ledger.record_reliability("a", 1, figures(0.9), AGG)
-    assert ledger.site("a").state == TRUSTED and ledger.factor("a") == pytest.approx(0.8)
+    assert ledger.site("a").state == TRUSTED and ledger.factor("a", "ema_point") == pytest.approx(0.8)
     ledger.record_reliability("a", 2, figures(0.4), AGG)  # EMA 0.65: still trusted at the boundary
     assert ledger.site("a").ema["pair_accuracy"] == pytest.approx(0.65)
     assert ledger.site("a").state == TRUSTED
     ledger.record_reliability("a", 3, figures(0.5), AGG)  # EMA 0.575
     assert ledger.site("a").state == PROBATION
     ledger.record_reliability("a", 4, figures(0.3), AGG)  # EMA 0.4375
-    assert ledger.site("a").state == EXCLUDED and ledger.factor("a") == 0.0
+    assert ledger.site("a").state == EXCLUDED and ledger.factor("a", "ema_point") == 0.0
     ledger.record_reliability("a", 5, figures(1.0), AGG)  # EMA 0.71875: recovered
     assert ledger.site("a").state == TRUSTED
     assert [h["round"] for h in ledger.site("a").history] == [1, 2, 3, 4, 5]
@@ -133,7 +135,7 @@ def good_half_bad(strategy) -> dict:
 
 
 def test_reliability_weighting_and_exclusion():
-    strategy = ConsortiumStrategy(consortium(aggregation=AggregationConfig(damped=False)), Ledger())
+    strategy = ConsortiumStrategy(consortium(aggregation=AggregationConfig(damped=False, statistic="ema_point")), Ledger())
     outcomes = good_half_bad(strategy)
     new_state, changed = strategy.aggregate("preference", outcomes, state())
     assert changed
@@ -143,7 +145,7 @@ def test_reliability_weighting_and_exclusion():
 
 
 def test_damped_reliability_keeps_the_lost_weight_on_the_global_model():
-    strategy = ConsortiumStrategy(consortium(aggregation=AggregationConfig(damped=True)), Ledger())
+    strategy = ConsortiumStrategy(consortium(aggregation=AggregationConfig(damped=True, statistic="ema_point")), Ledger())
     outcomes = good_half_bad(strategy)
     new_state, changed = strategy.aggregate("preference", outcomes, state(0.0))
     assert changed and outcomes["bad"].status == "excluded"
@@ -162,7 +164,7 @@ def test_damped_reliability_keeps_the_lost_weight_on_the_global_model():
 
 
 def test_plain_fedavg_ignores_reliability():
-    strategy = ConsortiumStrategy(consortium(aggregation=AggregationConfig(kind="fedavg")), Ledger())
+    strategy = ConsortiumStrategy(consortium(aggregation=AggregationConfig(kind="fedavg", statistic="ema_point")), Ledger())
     strategy.ledger.record_reliability("bad", 2, figures(0.0), AGG)
     outcomes = {"bad": SiteOutcome("bad", train={"num-examples": 5.0}, state=state(2.0)),
                 "ok": SiteOutcome("ok", train={"num-examples": 15.0}, state=state(6.0))}
@@ -216,7 +218,7 @@ def test_site_weights_all_zero_is_nothing_to_aggregate():
 def test_anchor_only_updates_are_weighed_without_the_judge_factor():
     """A gated site (or the method-none control) took anchor-only steps: its judge steered nothing,
     so neither its factor nor its exclusion damps it; a judged site beside it still is damped."""
-    strategy = ConsortiumStrategy(consortium(aggregation=AggregationConfig(damped=True)), Ledger())
+    strategy = ConsortiumStrategy(consortium(aggregation=AggregationConfig(damped=True, statistic="ema_point")), Ledger())
     strategy.ledger.record_reliability("gated", 2, figures(0.0), AGG)
     strategy.ledger.record_reliability("gated", 3, figures(0.0), AGG)  # excluded judge
     strategy.ledger.record_reliability("judged", 2, figures(0.75), AGG)  # g = 0.5
@@ -286,3 +288,95 @@ def test_superlink_refusals_are_one_line_each_naming_the_site():
     assert "unregistered while it was connected" in RefusalReader(dict).feed(dropped)
     assert RefusalReader(dict).feed(dropped.replace("pull-messages", "deactivate-node")) is None
     assert RefusalReader(dict).feed(dropped.replace("401", "200")) is None
+
+
+# ----------------------------------------------------------------------------- the Wilson ledger and the outcome check
+
+WILSON = AggregationConfig(ema=0.5, probation_below=0.65, exclude_below=0.55)  # statistic: wilson
+
+
+def informative(acc, n, **extra):
+    return {"pair_accuracy": acc, "spearman": 0.3, "pair_gain": 0.1, "n_pairs": 9,
+            "informative_pairs": n, "informative_pair_accuracy": acc, **extra}
+
+
+def test_pooled_counts_decay_like_the_ema():
+    # C <- c + 0.5 C, N <- n + 0.5 N
+    assert pooled_counts(8.0, 10.0, 4.0, 10.0, 0.5) == (8.0, 15.0)
+    assert pooled_counts(0.0, 0.0, 8.0, 10.0, 0.5) == (8.0, 10.0)
+
+
+def test_the_wilson_ledger_acts_on_evidence_not_on_the_point_estimate():
+    ledger = Ledger()
+    # 8 of 10 informative pairs right, every round: the estimate is 0.8 throughout
+    ledger.record_reliability("few", 1, informative(0.8, 10), WILSON)  # (8, 10): bound 0.4902
+    assert ledger.site("few").state == EXCLUDED and ledger.factor("few") == 0.0
+    ledger.record_reliability("few", 2, informative(0.8, 10), WILSON)  # (12, 15): bound 0.5481
+    assert ledger.site("few").bound() == pytest.approx(0.5481, abs=1e-4) and ledger.site("few").state == EXCLUDED
+    ledger.record_reliability("few", 3, informative(0.8, 10), WILSON)  # (14, 17.5): bound 0.5679
+    assert ledger.site("few").estimate() == pytest.approx(0.8) and ledger.site("few").state == PROBATION
+    assert ledger.factor("few") == pytest.approx((0.5679 - 0.5) / 0.5, abs=1e-3)
+    # the same accuracy on 100 pairs: (80, 100), bound 0.7112: trusted at once
+    ledger.record_reliability("many", 1, informative(0.8, 100), WILSON)
+    assert ledger.site("many").state == TRUSTED
+    assert ledger.factor("many") == pytest.approx((0.7112 - 0.5) / 0.5, abs=1e-3)
+    history = ledger.site("many").history[-1]
+    assert history["bound"] == pytest.approx(0.7112, abs=1e-4) and history["informative_pairs"] == 100
+
+
+def test_a_round_without_informative_pairs_leaves_the_bound_and_state_alone():
+    ledger = Ledger()
+    ledger.record_reliability("a", 1, informative(1.0, 100), WILSON)
+    before = (ledger.site("a").pooled, ledger.site("a").state)
+    ledger.record_reliability("a", 2, informative(0.0, 0), WILSON)
+    assert (ledger.site("a").pooled, ledger.site("a").state) == before
+    assert Ledger().factor("nobody") == 0.0  # no evidence yet: no weight
+
+
+def test_probation_settings_do_not_change_what_is_measured():
+    base = PreferenceConfig()
+    on_probation = dataclasses.replace(base, mining=dataclasses.replace(base.mining, strategy="skip_top"))
+    assert calibration_settings(WILSON, base) == {"informative_gap": 0.05, "mining": to_dict(base.mining)}
+    # a site on probation trains with skip_top but is measured with the consortium's mining
+    strategy = ConsortiumStrategy(consortium(aggregation=WILSON, preference=base), Ledger())
+    config = strategy.round_config(2, "preference", on_probation)
+    assert json.loads(config["preference"])["mining"]["strategy"] == "skip_top"
+    assert json.loads(config["calibration"])["mining"] == to_dict(base.mining)
+    # the earlier rule measured with the settings sent
+    assert calibration_settings(AggregationConfig(statistic="ema_point"), base)["mining"] is None
+
+
+@pytest.mark.parametrize("streak, gain, margin, expected", [
+    (0, -0.02, 0.01, 1),    # lowered calibration Dice by 0.02 > 0.01: harmful
+    (1, -0.02, 0.01, 2),
+    (2, -0.005, 0.01, 0),   # within the margin: harmless, the count restarts
+    (1, 0.03, 0.01, 0),
+    (1, None, 0.01, 1),     # no judged update: no evidence
+    (1, -0.5, None, 1),     # the check is off
+])
+def test_harm_streak_by_hand(streak, gain, margin, expected):
+    assert harm_streak(streak, gain, margin) == expected
+
+
+def test_outcome_evidence_needs_a_judged_update():
+    assert outcome_evidence({"outcome_gain": -0.1, "pairs_used": 9}) == -0.1
+    assert outcome_evidence({"outcome_gain": -0.1, "pairs_used": 0}) is None  # nothing judged
+    assert outcome_evidence({"outcome_gain": -0.1, "pairs_used": 9, "gated": 1.0}) is None  # anchor-only
+    assert outcome_evidence({"pairs_used": 9}) is None  # withheld (too few images) or an older site
+
+
+def test_a_judge_that_ranks_well_but_hurts_is_excluded_by_its_outcome():
+    ledger = Ledger()
+    hurt = informative(1.0, 100, outcome_gain=-0.03, pairs_used=9)
+    ledger.record_reliability("a", 1, hurt, WILSON)  # 1 harmful round of 2
+    assert ledger.site("a").state == TRUSTED and ledger.site("a").harm_streak == 1
+    ledger.record_reliability("a", 2, hurt, WILSON)  # 2 in a row: excluded whatever the bound
+    assert ledger.site("a").state == EXCLUDED and ledger.factor("a") == 0.0
+    assert "lowered calibration Dice by more than 0.01 in 2 rounds" in exclusion_reason(ledger.site("a"), WILSON)
+    ledger.record_reliability("a", 3, informative(1.0, 100, outcome_gain=0.0, pairs_used=9), WILSON)
+    assert ledger.site("a").state == TRUSTED and ledger.site("a").harm_streak == 0  # its update did no harm: back
+    off = dataclasses.replace(WILSON, outcome_margin=None)
+    quiet = Ledger()
+    for r in (1, 2, 3):
+        quiet.record_reliability("a", r, hurt, off)
+    assert quiet.site("a").state == TRUSTED
