@@ -24,7 +24,7 @@ from flwr.clientapp import ClientApp
 from fl_client.reply_policy import SiteFailure, category_of, failing_as, reply_policy_mod
 from fl_client.site_context import overlay_dir, resolve_site
 from fl_client.supernode import packed_arrays_mod, sent_log_mod
-from shared.config import ModelConfig, PreferenceConfig, SupervisedConfig, from_dict
+from shared.config import MiningConfig, ModelConfig, PreferenceConfig, SupervisedConfig, from_dict
 from shared.data import load_site_data
 from shared.site import evaluate_round, save_overlays, train_round
 
@@ -61,6 +61,7 @@ def train(msg: Message, site, context: Context) -> Message:
         phase = str(config["phase"])
         settings = [_settings(config, key, cls) for key, cls in
                     (("model", ModelConfig), ("supervised", SupervisedConfig), ("preference", PreferenceConfig))]
+        calibration = _calibration(config)
     with failing_as("data"):
         splits = load_site_data(site)
     trained_on = len(splits["labeled"]) + (len(splits["unlabeled"]) if phase == "preference" else 0)
@@ -71,6 +72,7 @@ def train(msg: Message, site, context: Context) -> Message:
             site, settings[0], phase, msg.content["arrays"].to_torch_state_dict(), settings[1], settings[2],
             seed=int(config["seed"]), splits=splits,
             reference_state=msg.content["reference"].to_torch_state_dict() if "reference" in msg.content.array_records else None,
+            **calibration,
         )
     overlays = overlay_dir(context)  # simulation only, inside fl-sim's run dir; None in deployment
     if overlays is not None and result.pairs is not None:
@@ -101,6 +103,16 @@ def evaluate(msg: Message, site, context: Context) -> Message:
 def identify(msg: Message, site, context: Context) -> Message:
     """Tell the server which site this node is, so it can send the site its own settings."""
     return _reply(msg, site.name, {"channels": float(site.channels)})
+
+
+def _calibration(config: ConfigRecord) -> dict:
+    """How the server asks the judge to be measured (train_round's keywords); {} from an older server."""
+    if "calibration" not in config:
+        return {}
+    raw = json.loads(str(config["calibration"]))
+    mining = raw.get("mining")
+    return {"informative_gap": float(raw["informative_gap"]),
+            "calibration_mining": from_dict(MiningConfig, mining, origin="server config 'calibration'") if mining else None}
 
 
 def _settings(config: ConfigRecord, key: str, cls):

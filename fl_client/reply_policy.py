@@ -41,16 +41,19 @@ CATEGORIES = ("config", "data", "training", "evaluation", "out-of-memory", "too-
 # out, not imported: a figure someone adds there stays at the site until it is listed here.
 _CALIBRATION = ("pair_accuracy", "spearman", "pair_gain", "n_pairs", "n_images", "n_ranked_images",
                 "dice_identity", "dice_best", "dice_pick", "dice_chosen", "chosen_over_identity",
-                "implausible_fraction")
+                "implausible_fraction", "informative_pairs", "informative_pair_accuracy", "informative_wilson")
 _MINING = ("images", "proposals_per_image", "pairs", "pairs_per_image", "images_with_pairs", "score_gap_mean",
            "disagreement_q10", "disagreement_q50", "disagreement_q90", "implausible_fraction",
            "seconds_proposals", "seconds_judge", "seconds_mining",
            "pair_accuracy", "spearman", "pair_gain", "n_pairs", "n_ranked_images",
-           "dice_identity", "dice_best", "dice_pick", "dice_chosen", "chosen_over_identity")
+           "dice_identity", "dice_best", "dice_pick", "dice_chosen", "chosen_over_identity",
+           "informative_pairs", "informative_pair_accuracy", "informative_wilson")
 _STEPS = ("loss", "pref_loss", "sup_loss", "margin", "reward_acc", "steps")
 _TEST = ("dice", "hd95", "hd95_undefined", "n_images")
 # the evaluate reply's calibration Dice of the global model (the server's model selection)
 _CALIB = ("calib_dice", "calib_images")
+# a preference round's outcome check: calibration Dice of the received model and of the update
+_OUTCOME = ("outcome_dice_before", "outcome_dice_after", "outcome_gain", "outcome_images")
 
 # split -> (the metric holding its image count, the metrics computed from it)
 GROUPS = {
@@ -58,11 +61,12 @@ GROUPS = {
     "calibration": ("rel_n_images", tuple(f"rel_{k}" for k in _CALIBRATION)),
     "unlabeled": ("mining_images", tuple(f"mining_{k}" for k in _MINING) + ("pref_loss", "margin", "reward_acc")),
     "calib": ("calib_images", _CALIB),  # the calibration split again, on an evaluate reply
+    "outcome": ("outcome_images", _OUTCOME),  # and on a preference round's reply
 }
 
 ALLOWED_METRICS = frozenset(
     ("num-examples", "skipped_files", "gated", "pairs_used", "channels", "compute_s", "rss_mb")
-    + _STEPS + _TEST + _CALIB
+    + _STEPS + _TEST + _CALIB + _OUTCOME
     + GROUPS["calibration"][1] + GROUPS["unlabeled"][1]
     + tuple(f"too_few_{split}" for split in GROUPS)
 )

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from shared.config import ModelConfig, PreferenceConfig, SiteConfig, SupervisedConfig
+from shared.config import AggregationConfig, MiningConfig, ModelConfig, PreferenceConfig, SiteConfig, SupervisedConfig
 from shared.data import SplitData, load_site_data
 from shared.evaluation import evaluate
 from shared.judges import build_judge
@@ -70,11 +70,16 @@ def train_round(
     splits: dict[str, SplitData] | None = None,
     progress: Callable | None = None,
     reference_state: Mapping[str, torch.Tensor] | None = None,
+    calibration_mining: MiningConfig | None = None,
+    informative_gap: float = AggregationConfig.informative_gap,
 ) -> tuple[dict[str, torch.Tensor], RoundResult]:
     """One local round from the received global weights; returns new weights and numbers.
 
     `reference_state`: the fixed DPO reference the server sends under `preference.reference: base`
-    (None: the received weights are the reference)."""
+    (None: the received weights are the reference). `calibration_mining`, `informative_gap`: how
+    the judge is measured on calibration (shared.training.preference_round). A preference round
+    also reports its outcome on calibration (`outcome_figures`): the server's ledger judges the
+    judge by what its update did, not only by how it ranks masks."""
     if phase not in ("supervised", "preference"):
         raise ValueError(f"unknown phase {phase!r}: expected supervised or preference")
     _check_channels(site, model_cfg)
@@ -86,14 +91,29 @@ def train_round(
         result = supervised_round(model, splits["labeled"], supervised, device, seed, progress)
     else:
         judge = site_judge(site, splits, model_cfg, supervised, preference, device, seed, progress)
+        calibration = splits["calibration"]
+        before = evaluate(model, calibration, device, hd95=False) if calibration.masks is not None else None
         result = preference_round(
-            model, splits["unlabeled"], splits["calibration"], splits["labeled"],
+            model, splits["unlabeled"], calibration, splits["labeled"],
             judge, preference, device, seed, progress,
             reference=load_model(model_cfg, reference_state) if reference_state is not None else None,
+            calibration_mining=calibration_mining, informative_gap=informative_gap,
         )
+        if before is not None:
+            result.metrics.update(outcome_figures(before, evaluate(model, calibration, device, hd95=False)))
     result.metrics["skipped_files"] = float(sum(len(s.skipped) for s in splits.values()))
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return weights, result
+
+
+def outcome_figures(before: dict, after: dict) -> dict:
+    """The outcome check: calibration Dice of the received model and of the site's update (the
+    `evaluate(..., hd95=False)` dicts of each), their difference, and the image count; no images:
+    empty (no evidence)."""
+    if not before.get("n_images"):
+        return {}
+    return {"outcome_dice_before": before["dice"], "outcome_dice_after": after["dice"],
+            "outcome_gain": after["dice"] - before["dice"], "outcome_images": before["n_images"]}
 
 
 def evaluate_round(site: SiteConfig, model_cfg: ModelConfig, state: Mapping[str, torch.Tensor],

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shared.config import JudgeConfig, MiningConfig, PreferenceConfig, ProposalConfig, SupervisedConfig
+from shared.config import AggregationConfig, JudgeConfig, MiningConfig, PreferenceConfig, ProposalConfig, SupervisedConfig
 from shared.data import SplitData
 from shared.losses import dpo_loss, entropy_loss, preference_stats, rn_dpo_loss, supervised_loss
 from shared.judges.oracle import bind_to
@@ -68,7 +68,8 @@ def supervised_round(
 # what a site reports of the judge on its calibration split, as rel_<key> (the ledger reads these)
 CALIBRATION_FIGURES = ("pair_accuracy", "spearman", "pair_gain", "n_pairs", "images", "n_ranked_images",
                        "dice_identity", "dice_best", "dice_pick", "dice_chosen", "chosen_over_identity",
-                       "implausible_fraction")
+                       "implausible_fraction", "informative_pairs", "informative_pair_accuracy",
+                       "informative_wilson")
 
 
 def calibration_reliability(
@@ -79,15 +80,18 @@ def calibration_reliability(
     proposals_cfg: ProposalConfig,
     device: torch.device,
     seed: int = 0,
+    informative_gap: float = AggregationConfig.informative_gap,
 ) -> tuple[dict, MinedPairs | None]:
     """Judge the model's proposals on the calibration split through the same pipeline as the
     unlabelled data (``mine_split``), and compare with ground truth (DESIGN.md section 3, step 5).
 
     Returns the figures of CALIBRATION_FIGURES (``images`` renamed ``n_images``): the judge's
-    reliability and the round's headroom (identity, best-of-K and judge-pick Dice)."""
+    reliability, its informative pairs (true-Dice gap ``informative_gap``) and the round's headroom
+    (identity, best-of-K and judge-pick Dice). ``mining`` should be the consortium's base settings,
+    not a site's probation ones: the ledger's figure must not move because the site's state did."""
     _require_masks(calibration, "calibration")
     pairs, stats = mine_split(model, calibration.images, bind_to(judge, calibration.masks), mining, proposals_cfg,
-                              device, truth=calibration.masks, seed=seed)
+                              device, truth=calibration.masks, seed=seed, informative_gap=informative_gap)
     figures = {("n_images" if key == "images" else key): stats[key] for key in CALIBRATION_FIGURES}
     return figures, pairs if len(pairs) else None
 
@@ -103,8 +107,13 @@ def preference_round(
     seed: int = 0,
     progress: Callable | None = None,
     reference: torch.nn.Module | None = None,
+    calibration_mining: MiningConfig | None = None,
+    informative_gap: float = AggregationConfig.informative_gap,
 ) -> RoundResult:
     """Proposals -> judge -> mining -> `cfg.steps` preference steps -> reliability.
+
+    Calibration is mined with `calibration_mining` (the consortium's base settings the server
+    sends; None: `cfg.mining`), so a site on probation trains differently but is measured alike.
 
     The model passed in is the received global model: its eval-mode logits, cached with each
     pair at mining, are the frozen DPO reference, so the reference never runs inside a step.
@@ -123,7 +132,7 @@ def preference_round(
         raise ValueError("preference.supervise_unlabeled is the all_labelled control: it needs method none")
     model.to(device)
     reliability, calib_pairs = calibration_reliability(
-        model, calibration, judge, cfg.mining, cfg.proposals, device, seed
+        model, calibration, judge, calibration_mining or cfg.mining, cfg.proposals, device, seed, informative_gap
     )
     metrics = {f"rel_{k}": float(v) for k, v in reliability.items()}
     # no calibration image is no evidence: gated too

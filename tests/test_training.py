@@ -488,3 +488,35 @@ def test_min_pick_gain_leaves_the_control_and_entropy_rounds_alone(tiny):
         assert gated.metrics.get("gated") == 0.0 and gated.num_examples == plain.num_examples
         for a, b in zip(gated_model.state_dict().values(), plain_model.state_dict().values()):
             torch.testing.assert_close(a, b)
+
+
+def test_calibration_is_measured_with_the_base_mining_on_probation(tiny):
+    """Probation changes what a site trains on (skip_top, a score gap), not what the ledger reads."""
+    splits, base = tiny
+    measured, _ = calibration_reliability(copy.deepcopy(base), splits["calibration"], OracleJudge(), MiningConfig(),
+                                          TINY_PROPOSALS, CPU, seed=0, informative_gap=0.001)
+    probation = MiningConfig(strategy="skip_top", min_gap=0.05)
+    cfg = dataclasses.replace(PreferenceConfig(), proposals=TINY_PROPOSALS, mining=probation, steps=2)
+    result = preference_round(copy.deepcopy(base), splits["unlabeled"], splits["calibration"], splits["labeled"],
+                              OracleJudge(), cfg, CPU, seed=0, calibration_mining=MiningConfig(),
+                              informative_gap=0.001)
+    assert {k: result.metrics[f"rel_{k}"] for k in measured} == pytest.approx(measured)
+    assert measured["informative_pairs"] > 0 and measured["informative_pair_accuracy"] > 0.5
+    # measured with the probation settings, the same judge would show no mined pair at all here
+    unfixed = preference_round(copy.deepcopy(base), splits["unlabeled"], splits["calibration"], splits["labeled"],
+                               OracleJudge(), cfg, CPU, seed=0, informative_gap=0.001)
+    assert unfixed.metrics["rel_n_pairs"] != measured["n_pairs"]
+    assert unfixed.metrics["rel_informative_pairs"] == measured["informative_pairs"]  # mining-independent
+
+
+def test_outcome_figures_compare_the_update_with_the_received_model(tiny):
+    from shared.site import outcome_figures
+
+    before = {"dice": 0.75, "n_images": 8}
+    assert outcome_figures(before, {"dice": 0.5, "n_images": 8}) == {
+        "outcome_dice_before": 0.75, "outcome_dice_after": 0.5, "outcome_gain": -0.25, "outcome_images": 8}
+    assert outcome_figures({"dice": float("nan"), "n_images": 0}, {"dice": float("nan"), "n_images": 0}) == {}
+    splits, base = tiny
+    model = copy.deepcopy(base)
+    received = evaluate(model, splits["calibration"], CPU, hd95=False)
+    assert outcome_figures(received, evaluate(model, splits["calibration"], CPU, hd95=False))["outcome_gain"] == 0.0

@@ -260,6 +260,15 @@ def test_withhold_small_groups_by_their_own_count():
     assert set(withheld) == {"rel_n_images", "rel_pair_accuracy"}
 
 
+def test_the_outcome_check_is_its_own_group():
+    metrics = {"outcome_images": 4.0, "outcome_gain": -0.1, "outcome_dice_before": 0.8, "outcome_dice_after": 0.7,
+               "rel_n_images": 9.0, "rel_informative_wilson": 0.6}
+    out, withheld = reply_policy.withhold_small(metrics, 5)
+    assert out == {"rel_n_images": 9.0, "rel_informative_wilson": 0.6, "too_few_outcome": 1.0}
+    assert set(withheld) == {"outcome_images", "outcome_gain", "outcome_dice_before", "outcome_dice_after"}
+    assert reply_policy.allowed_metrics(metrics)[1] == []  # all listed
+
+
 def test_min_images_is_validated(tmp_path):
     site = write_site(tmp_path, "general", min_images=None, broken_patient_file=False)
     assert load_site(site).min_images == 5
