@@ -264,11 +264,17 @@ def consortium_dict(task: Task, seed: int, arm: Arm | None) -> dict:
 # back to false for its reference arm). The `selection` section came with model selection: every
 # cached run had no rollback (rollback_margin null, which the presets set in each task, bases
 # included); the phases only matter with a margin, so at their default they stay out too, and a
-# section left empty drops out of the digest.
+# section left empty drops out of the digest. The Wilson ledger (issue 12) changes behaviour
+# unconditionally, so it has a switch: `aggregation.statistic: ema_point` is every cached run's rule
+# (the presets set it per task, as `rollback_margin`); the informative gap and the outcome check
+# act only under `wilson`, so under ema_point any value reproduces the earlier runs: recorded at
+# the values they came with.
 OPTIONS_ADDED_LATER = {("preference", "reference"): "round", ("aggregation", "krum_byzantine"): 1,
                        ("aggregation", "damped"): False, ("preference", "min_pick_gain"): None,
                        ("selection", "rollback_margin"): None, ("selection", "rollback_phases"): ["preference"],
-                       ("model", "args"): {}, ("model", "pretrained_weights"): None}
+                       ("model", "args"): {}, ("model", "pretrained_weights"): None,
+                       ("aggregation", "statistic"): "ema_point", ("aggregation", "informative_gap"): 0.05,
+                       ("aggregation", "outcome_margin"): 0.01, ("aggregation", "outcome_rounds"): 2}
 
 
 # Site options added later, likewise: `min_images` (no figure from fewer images leaves a site) at
