@@ -64,9 +64,10 @@ def train(msg: Message, site, context: Context) -> Message:
         calibration = _calibration(config)
     with failing_as("data"):
         splits = load_site_data(site)
-    trained_on = len(splits["labeled"]) + (len(splits["unlabeled"]) if phase == "preference" else 0)
-    if trained_on < site.min_images:  # the weights are an aggregate of these images too
-        raise SiteFailure("too-few-images", f"{phase} round on {trained_on} images; min_images is {site.min_images}")
+    small = [f"{name} {count}" for name, count in trained_on(phase, settings[2], splits).items() if count < site.min_images]
+    if small:  # the weights (and the losses) are aggregates of every split they trained on
+        raise SiteFailure("too-few-images", f"{phase} round trains on {', '.join(small)} images; "
+                                            f"min_images is {site.min_images}")
     with failing_as("training"):
         weights, result = train_round(
             site, settings[0], phase, msg.content["arrays"].to_torch_state_dict(), settings[1], settings[2],
@@ -80,6 +81,21 @@ def train(msg: Message, site, context: Context) -> Message:
     metrics = {k: float(v) for k, v in result.metrics.items()}
     metrics["num-examples"] = float(result.num_examples)
     return _reply(msg, site.name, metrics, ArrayRecord(weights))
+
+
+def trained_on(phase: str, preference: PreferenceConfig, splits) -> dict[str, int]:
+    """The splits a round's weights are computed from, and their sizes: the labelled split in a
+    supervised round; in a preference round the labelled split when its anchor steps run (an
+    anchor, the `method: none` control, or a site its gate holds back) and the unlabelled pool
+    when preference pairs (or its true masks, for the all_labelled control) are used."""
+    if phase != "preference":
+        return {"labeled": len(splits["labeled"])}
+    used = {}
+    if preference.lambda_sup > 0:
+        used["labeled"] = len(splits["labeled"])
+    if preference.method != "none" or preference.supervise_unlabeled:
+        used["unlabeled"] = len(splits["unlabeled"])
+    return used
 
 
 @app.evaluate()

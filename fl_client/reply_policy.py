@@ -58,7 +58,8 @@ _OUTCOME = ("outcome_dice_before", "outcome_dice_after", "outcome_gain", "outcom
 # split -> (the metric holding its image count, the metrics computed from it)
 GROUPS = {
     "test": ("n_images", _TEST),
-    "calibration": ("rel_n_images", tuple(f"rel_{k}" for k in _CALIBRATION)),
+    # `gated` is the calibration pick's gain over identity against a margin: a calibration figure too
+    "calibration": ("rel_n_images", tuple(f"rel_{k}" for k in _CALIBRATION) + ("gated",)),
     "unlabeled": ("mining_images", tuple(f"mining_{k}" for k in _MINING) + ("pref_loss", "margin", "reward_acc")),
     "calib": ("calib_images", _CALIB),  # the calibration split again, on an evaluate reply
     "outcome": ("outcome_images", _OUTCOME),  # and on a preference round's reply

@@ -49,16 +49,16 @@ def _pair(folder: Path, stem: str, rng, mask_size: int = 40) -> None:
     mask.save(folder / "masks" / f"{stem}.png")
 
 
-def write_site(root: Path, name: str, per_split: int = 6, min_images: int | None = None,
+def write_site(root: Path, name: str, per_split: int | dict = 6, min_images: int | None = None,
                broken_patient_file: bool = True, groups_pattern: str | None = None) -> Path:
-    """A site YAML with four split folders of `per_split` pairs each; the labelled split also holds
+    """A site YAML with four split folders of `per_split` pairs each (or per split, from a dict); the labelled split also holds
     a pair named like a patient identifier whose mask does not match its image. With
     `groups_pattern`, the site instead cuts one source folder by a pattern that does not match
     that file's name: loading the data fails with an error naming the file."""
     rng = np.random.default_rng(len(name))
     data = root / f"{name}-data"
     for split in SPLITS:
-        for i in range(per_split):
+        for i in range(per_split[split] if isinstance(per_split, dict) else per_split):
             _pair(data / split, f"P{i:03d}_{split}", rng)
     if broken_patient_file:
         _pair(data / "labeled", PATIENT, rng, mask_size=24)
@@ -243,11 +243,22 @@ def test_figures_from_fewer_than_min_images_are_withheld(tmp_path):
     supervised = send(message(MessageType.TRAIN), context)  # 6 labelled images < 7: no weights
     assert supervised.has_error() and "too-few-images (see site log, id " in supervised.error.reason
 
+    # a preference round trains its anchor on the 6 labelled images too: no weights either
     preference = send(message(MessageType.TRAIN, phase="preference", server_round=2), context)
-    assert not preference.has_error()  # 6 labelled + 6 unlabelled images train the update
+    assert preference.has_error() and "too-few-images (see site log, id " in preference.error.reason
+    assert "labeled 6" in site_log(site)  # the detail stays local
+
+
+def test_a_preference_round_withholds_its_small_calibration_figures(tmp_path):
+    """Enough labelled and unlabelled images to train on, a calibration split under min_images:
+    the update leaves, the calibration figures (and the gate decided from them) do not."""
+    site = write_site(tmp_path, "calsmall", per_split={"labeled": 7, "calibration": 4, "unlabeled": 7, "test": 7},
+                      min_images=6, broken_patient_file=False)
+    preference = send(message(MessageType.TRAIN, phase="preference", server_round=2), deployed(site))
+    assert not preference.has_error()
     metrics = preference.content["metrics"]
-    assert metrics["too_few_calibration"] == 1.0 and metrics["too_few_unlabeled"] == 1.0
-    assert not [k for k in metrics.keys() if k.startswith(("rel_", "mining_"))]
+    assert metrics["too_few_calibration"] == 1.0
+    assert not [k for k in metrics.keys() if k.startswith("rel_")] and "gated" not in metrics
     assert "rel_n_images" in site_log(site)  # noted locally as withheld
 
 
@@ -255,9 +266,8 @@ def test_withhold_small_groups_by_their_own_count():
     metrics = {"rel_n_images": 4.0, "rel_pair_accuracy": 0.9, "mining_images": 20.0, "mining_pairs": 9.0,
                "num-examples": 9.0, "gated": 0.0}
     out, withheld = reply_policy.withhold_small(metrics, 5)
-    assert out == {"mining_images": 20.0, "mining_pairs": 9.0, "num-examples": 9.0, "gated": 0.0,
-                   "too_few_calibration": 1.0}
-    assert set(withheld) == {"rel_n_images", "rel_pair_accuracy"}
+    assert out == {"mining_images": 20.0, "mining_pairs": 9.0, "num-examples": 9.0, "too_few_calibration": 1.0}
+    assert set(withheld) == {"rel_n_images", "rel_pair_accuracy", "gated"}
 
 
 def test_the_outcome_check_is_its_own_group():
