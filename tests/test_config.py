@@ -152,6 +152,14 @@ MALFORMED = {
         "c.yaml", CONSORTIUM + "aggregation: {probation_below: 0.6, exclude_below: 0.7}\n",
         "c.yaml: aggregation.exclude_below: 0.7 must not exceed probation_below (0.6)",
     ),
+    "informative gap 0": (
+        "c.yaml", CONSORTIUM + "aggregation: {informative_gap: 0}\n",
+        "c.yaml: aggregation.informative_gap: 0.0 must be > 0 and at most 1",
+    ),
+    "unknown ledger statistic": (
+        "c.yaml", CONSORTIUM + "aggregation: {statistic: mean}\n",
+        "c.yaml: aggregation.statistic: 'mean' is not one of wilson, ema_point",
+    ),
     "negative lr": ("c.yaml", CONSORTIUM + "preference: {lr: -1e-4}\n", "c.yaml: preference.lr: -0.0001 must be > 0"),
     "threshold 1.0": (
         "c.yaml", CONSORTIUM + "preference: {proposals: {thresholds: [0.5, 1.0]}}\n",
