@@ -897,7 +897,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="merge the preset's quick: section (a < 15 min grid)")
     parser.add_argument("--out", type=Path, help="run directory (default: the preset's out, with -quick for --quick)")
     parser.add_argument("--report-only", action="store_true", help="build the tables from the finished runs; run nothing")
-    parser.add_argument("--dry-run", action="store_true", help="list the runs and write their configs; run nothing")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and write the configs of new ones; run nothing")
     return parser.parse_args(argv)
 
 
@@ -963,7 +963,9 @@ def _run_grid(preset: Preset, args, command: str, say) -> int:
             continue
         if run.status == "stale" and not args.report_only:
             say(f"discarding {label}: its run folder was made with other settings than the preset's now")
-        if not args.report_only:  # (re)write its configs; a stale folder is emptied first
+        # (re)write its configs; a stale folder is emptied first. A dry run writes only folders that do
+        # not exist yet: the site YAMLs of a run in progress (another harness) are reloaded every round
+        if not args.report_only and not (args.dry_run and (run.folder / "spec.json").exists()):
             run, consortium = prepare_run(preset, task, arm, seed, base_ckpt or Path("base.pt"))
         if run.status == "stale":
             pending[label] = "its run folder was made with other settings than the preset's now"
