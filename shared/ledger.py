@@ -131,7 +131,7 @@ class Ledger:
         else:
             record.harm_streak = harm_streak(record.harm_streak, gain, cfg.outcome_margin)
             bound = record.bound()
-            judged = _state(bound, cfg) if bound is not None else record.state
+            judged = _state(bound, cfg) if bound is not None else TRUSTED  # no evidence yet: g is 0 anyway
             harmed = EXCLUDED if cfg.outcome_margin is not None and record.harm_streak >= cfg.outcome_rounds else TRUSTED
             record.state = worse(judged, harmed)
         record.history.append(
