@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from shared.config import load_site
-from shared.site_keys import write_key_pair
+from shared.site_keys import SITE_NAME, SITE_NAME_RULE, write_key_pair
 
 
 def keygen(site_yaml: Path | None, name: str | None, out: Path | None, force: bool) -> int:
@@ -25,10 +25,17 @@ def keygen(site_yaml: Path | None, name: str | None, out: Path | None, force: bo
             return 2
         name, private = site.name, site.deployment.private_key
     else:
+        if not SITE_NAME.match(name or ""):  # the name becomes a file name: no "../" escapes --out
+            print(f"fl-client: --name {name!r} is not a valid site name: {SITE_NAME_RULE}",
+                  file=sys.stderr)
+            return 2
         private = Path(out or ".") / f"{name}_auth"
     try:
         private, public, line = write_key_pair(private, force=force)
-    except (FileExistsError, OSError) as err:
+    except FileExistsError as err:  # an input error like the others: exit 2
+        print(f"fl-client: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
         print(f"fl-client: {err}", file=sys.stderr)
         return 1
     print(f"fl-client: wrote {private} (private, 0600: never leaves this machine)")

@@ -21,6 +21,8 @@ from shared.flower_env import apply_flower_env
 
 CONSORTIUM_HELP = "the consortium YAML (e.g. sites/demo/consortium.yaml)"
 PROVISIONED_HELP = "folder made by fl-server provision --out (default: <run_dir>/../provisioned)"
+REVOKE_HELP = ("refuse a site's key at once: the running round discards its pending update, and a running "
+               "SuperLink refuses its SuperNode at its next request (else from the next fl-server start)")
 START_DESCRIPTION = """\
 Start the SuperLink (TLS, only provisioned site keys accepted) and run the consortium's rounds.
 
@@ -43,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     provision.add_argument("--consortium", required=True, type=Path, help=CONSORTIUM_HELP)
     provision.add_argument("--out", required=True, type=Path,
                            help="folder to write: ca/ (keep ca.key offline), server/ (SuperLink certificate, site "
-                                "public keys) and sites/<site>/ (its key, the CA, a site.yaml to hand over)")
+                                "public keys) and sites/<site>/ (the CA, a site.yaml and README to hand over; the "
+                                "site makes its own key with fl-client keygen, only --operator-keys puts one here)")
     provision.add_argument("--force", action="store_true", help="replace existing keys and certificates")
     provision.add_argument("--public-key", action="append", metavar="NAME=FILE",
                            help="a site's public key (the .pub it made with fl-client keygen); repeat per "
@@ -70,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--resume", action="store_true",
                        help="continue the run in --run-dir after its last checkpoint (same consortium YAML)")
 
-    revoke = sub.add_parser("revoke", help="refuse a site's key at its next connection")
+    revoke = sub.add_parser("revoke", help=REVOKE_HELP, description=REVOKE_HELP)
     revoke.add_argument("site", help="the site's name, as in the consortium (server.sites or its YAML's name)")
     revoke.add_argument("--consortium", required=True, type=Path, help=CONSORTIUM_HELP)
     revoke.add_argument("--provisioned", type=Path, help=PROVISIONED_HELP)

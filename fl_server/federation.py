@@ -29,6 +29,7 @@ from shared.config import AggregationConfig, ConsortiumConfig, PreferenceConfig,
 from shared.ledger import EXCLUDED, Ledger
 from shared.model import load_state
 from shared.selection import Selection, consortium_dice, select
+from shared.site_keys import revoked_keys
 from fl_server.run_dir import RunDir, config_hash
 
 log = logging.getLogger(__name__)
@@ -50,11 +51,13 @@ class SiteOutcome:
 class ConsortiumStrategy:
     """The server's round policy over Flower's Grid: messages out, checked outcomes in, weights."""
 
-    def __init__(self, cfg: ConsortiumConfig, ledger: Ledger, extra_config: dict | None = None):
+    def __init__(self, cfg: ConsortiumConfig, ledger: Ledger, extra_config: dict | None = None,
+                 revoked_file: Path | None = None):
         self.min_available_nodes = cfg.federation.min_sites
         self.cfg = cfg
         self.ledger = ledger
         self.extra_config = extra_config or {}
+        self.revoked_file = revoked_file  # the operator's revoked_sites.json (fl-server revoke)
         self.node_sites: dict[int, str] = {}  # learned from replies; a reply names its site
 
     def round_config(self, server_round: int, phase: str, preference: PreferenceConfig) -> ConfigRecord:
@@ -101,8 +104,6 @@ class ConsortiumStrategy:
                 record["reference"] = reference
             messages.append(Message(content=record, message_type=MessageType.TRAIN, dst_node_id=node_id))
         return messages
-
-    revoked_file: Path | None = None  # the operator's revoked_sites.json (fl-server revoke)
 
     def collect(self, server_round: int, phase: str, sent: list[Message], replies: Iterable[Message],
                 global_state: dict) -> dict[str, SiteOutcome]:
@@ -157,6 +158,9 @@ class ConsortiumStrategy:
         """Status ``revoked`` (no update, weight 0) for every revoked site this run knows: one
         that replied (its update is discarded), and one gone since its revocation."""
         revoked = read_revoked(self.revoked_file)
+        for site, record in self.ledger.sites.items():
+            if record.revoked and site not in revoked:
+                record.revoked = 0  # re-admitted with a new key (fl-server add-site)
         known = set(self.node_sites.values()) | set(self.ledger.sites) | set(outcomes)
         for site in sorted(revoked & known):
             old = outcomes.get(site)
@@ -247,8 +251,7 @@ def run_federation(
         model = initial_model(cfg)  # backbone weights, base_checkpoint: each checked against the network
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    strategy = ConsortiumStrategy(cfg, ledger, extra_config)
-    strategy.revoked_file = revoked_file  # fl-server revoke's list, read in every collect
+    strategy = ConsortiumStrategy(cfg, ledger, extra_config, revoked_file)  # read in every collect
     total = cfg.supervised.rounds + cfg.preference.rounds
     last = total if stop_after is None else min(total, stop_after)
     reference = None  # the fixed DPO reference under `preference.reference: base`, set at first use
@@ -351,13 +354,20 @@ def _failure(reason: str) -> tuple[str | None, str]:
     return (None if site == "unknown" else site), text.strip()[:300]
 
 
-def read_revoked(path: Path | None) -> set[str]:
-    """Site names in the operator's revoked_sites.json (site -> revoked key); an unreadable
-    file is logged and counts as none revoked rather than stopping the run."""
+def read_revoked(path: Path | None, keys_dir: Path | None = None) -> set[str]:
+    """Sites whose key on file (``keys_dir``/SITE.pub, default the provisioned folder's
+    server/supernode_keys beside server/flwr_home/revoked_sites.json) is one of their revoked
+    keys, or that have no key on file: a site re-admitted with a new key (fl-server add-site)
+    is no longer revoked. An unreadable file is logged and counts as none revoked rather than
+    stopping the run."""
     if path is None or not Path(path).exists():
         return set()
+    keys_dir = Path(keys_dir) if keys_dir is not None else Path(path).resolve().parent.parent / "supernode_keys"
     try:
-        return set(json.loads(Path(path).read_text()))
+        revoked = revoked_keys(path)
+        filed = {site: (keys_dir / f"{site}.pub") for site in revoked}
+        return {site for site, keys in revoked.items()
+                if not filed[site].exists() or filed[site].read_text().strip() in keys}
     except (OSError, ValueError) as err:
         log.warning("%s: cannot read the revoked sites (%s)", path, err)
         return set()

@@ -10,7 +10,7 @@ Operator state (in the provisioned folder, ``server/``):
 
 * ``flwr_home/``: the ``flwr`` CLI's FLWR_HOME: ``config.toml`` (one connection per
   SuperLink database, the last one started is the default), ``registered_sites.json``
-  (site -> node id per connection) and ``revoked_sites.json`` (site -> revoked public key).
+  (site -> node id per connection) and ``revoked_sites.json`` (site -> its revoked public keys).
 
 SuperLink state (in the run directory, ``superlink/``): its database (registered keys, runs),
 log, and the generated app folder. A new run directory is a new database: ``start`` then
@@ -45,7 +45,7 @@ from fl_server.provision import ProvisionResult, provision
 from shared.config import ConfigError, ConsortiumConfig, load_consortium, read_yaml_text
 from fl_server.refusals import watch_refusals
 from shared.processes import log_length, sigterm_as_interrupt, split_address
-from shared.site_keys import SiteKeyError, read_public_key
+from shared.site_keys import SiteKeyError, read_public_key, revoked_keys
 from shared.tls import certificate_problems
 
 TASK_POLL_INTERVAL = 0.2  # FLWR_SUPEREXEC_TASK_POLL_INTERVAL (Flower's default: 1 s)
@@ -254,14 +254,15 @@ def connection_name(state_dir: Path | str) -> str:
     return f"run-{digest}"
 
 
-def _revoked(paths: OperatorPaths) -> dict[str, str]:
-    path = paths.flwr_home / REVOKED_FILE
-    return json.loads(path.read_text()) if path.exists() else {}
+def _revoked(paths: OperatorPaths) -> dict[str, list[str]]:
+    return revoked_keys(paths.flwr_home / REVOKED_FILE)
 
 
 def mark_revoked(paths: OperatorPaths, site: str, public_key: str) -> None:
+    """Add the key to the site's revoked keys: earlier ones stay refused after a re-admission."""
     revoked = _revoked(paths)
-    revoked[site] = public_key
+    if public_key not in revoked.setdefault(site, []):
+        revoked[site].append(public_key)
     paths.flwr_home.mkdir(parents=True, exist_ok=True)
     tmp = paths.flwr_home / f".{REVOKED_FILE}.tmp"
     tmp.write_text(json.dumps(revoked, indent=2, sort_keys=True))
@@ -271,7 +272,7 @@ def mark_revoked(paths: OperatorPaths, site: str, public_key: str) -> None:
 def site_key_index(paths: OperatorPaths) -> dict[str, tuple[str, bool]]:
     """OpenSSH key line -> (site, revoked), for naming the site behind a refused key."""
     index = {pub.read_text().strip(): (site, False) for site, pub in paths.site_keys().items()}
-    index.update({key: (site, True) for site, key in _revoked(paths).items()})
+    index.update({key: (site, True) for site, keys in _revoked(paths).items() for key in keys})
     return index
 
 
@@ -286,7 +287,7 @@ def registration_plan(paths: OperatorPaths, connection: str) -> list[tuple[str, 
         key = pub.read_text().strip()
         entry = known.get(site)
         active = entry is not None and entry["status"] == "registered"
-        if revoked.get(site) == key:
+        if key in revoked.get(site, ()):
             if active and entry["public_key"] == key:
                 plan.append((site, "unregister"))
             continue
@@ -310,7 +311,7 @@ def apply_registrations(paths: OperatorPaths, connection: str, say: Say = _say) 
             say(f"site {site}: key registered (node id {node})")
     for site in sorted(revoked):
         pub = paths.site_keys().get(site)
-        if pub is not None and pub.read_text().strip() == revoked[site]:
+        if pub is not None and pub.read_text().strip() in revoked[site]:
             say(f"site {site}: revoked, stays refused (to re-admit it: the site makes a new key "
                 f"with `fl-client keygen --force`, then fl-server add-site {site} --public-key FILE)")
 
@@ -377,16 +378,6 @@ def submit_consortium_run(
                   "run-dir": str(run_dir.resolve()), "resume": bool(resume),
                   "revoked-sites": str(paths.flwr_home / REVOKED_FILE), **(extra_config or {})}
     return sl.submit_app(app, paths.flwr_home, connection, run_config)
-
-
-def stop_run(run_id: int, paths: OperatorPaths, connection: str) -> str:
-    """``flwr stop``; returns what happened, in words."""
-    try:
-        sl.run_flwr(["stop", str(run_id), connection], paths.flwr_home, timeout=30)
-        return f"run {run_id} stopped"
-    except (sl.FlwrCliError, OSError) as err:
-        return f"could not stop run {run_id}: {err}"
-
 
 
 def cmd_start(args) -> int:
@@ -549,9 +540,7 @@ def add_site(consortium: Path | str, provisioned: Path | None, site: str, public
         key = read_public_key(public_key).decode().strip()
     except SiteKeyError as err:
         raise ConfigError(str(err)) from None
-    if _revoked(paths).get(site) == key:
-        raise ConfigError(f"{public_key}: this key of site '{site}' was revoked, and Flower never "
-                          "accepts it again; the site makes a new one (fl-client keygen --force)")
+    _refuse_key_of_another(paths, site, key, public_key)
     provision_consortium(consortium, paths.provisioned, public_keys={site: Path(public_key)},
                          extra_sites=(site,))
     say(f"site {site}: public key {public_key} filed as {paths.keys_dir / (site + '.pub')}; "
@@ -562,6 +551,19 @@ def add_site(consortium: Path | str, provisioned: Path | None, site: str, public
         return True
     say(f"site {site}: no SuperLink running; its key is registered at the next fl-server start")
     return False
+
+
+def _refuse_key_of_another(paths: OperatorPaths, site: str, key: str, public_key: Path) -> None:
+    """A key names one site: a revoked key (under any name) never comes back, and one key
+    filed for two sites would make them indistinguishable to the SuperLink."""
+    for other, keys in sorted(_revoked(paths).items()):
+        if key in keys:
+            raise ConfigError(f"{public_key}: this key of site '{other}' was revoked, and Flower never "
+                              "accepts it again; the site makes a new one (fl-client keygen --force)")
+    for other, pub in paths.site_keys().items():
+        if other != site and pub.read_text().strip() == key:
+            raise ConfigError(f"{public_key}: this key is already filed for site '{other}'; each site "
+                              "makes its own (fl-client keygen)")
 
 
 def cmd_add_site(args) -> int:

@@ -36,7 +36,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -48,12 +47,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from shared.site_keys import AUTH_CURVE, make_site_key, public_line, read_public_key  # noqa: F401
+from shared.site_keys import SITE_NAME as _SITE_NAME, SITE_NAME_RULE
 from shared.tls import host_in_sans, load_cert, san_hosts, signed_by
 
 CA_VALID_DAYS = 3650
 SERVER_VALID_DAYS = 365
 TLS_CURVE = ec.SECP256R1
-_SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _PRIVATE = 0o600
 _PUBLIC = 0o644
 
@@ -316,8 +315,7 @@ def _validate_inputs(consortium_name: str, site_names: list[str], hosts: list[st
     for name in site_names:
         if not _SITE_NAME.match(name):
             raise ValueError(
-                f"site name {name!r} is not valid: use 1-64 letters, digits, '_', '-', "
-                "'.', starting with a letter or digit"
+                f"site name {name!r} is not valid: {SITE_NAME_RULE}"
             )
     dupes = sorted({n for n in site_names if site_names.count(n) > 1})
     if dupes:

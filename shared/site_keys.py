@@ -8,7 +8,9 @@ Flower's ``flwr supernode register`` takes an OpenSSH EC public key on a NIST cu
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -18,6 +20,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 AUTH_CURVE = ec.SECP384R1  # Flower's docs use P-384 for SuperNode auth keys
 NIST_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)  # what Flower accepts
+# A site name becomes a file and folder name (NAME_auth, sites/NAME/): no separators, no "..".
+SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+SITE_NAME_RULE = "use 1-64 letters, digits, '_', '-', '.', starting with a letter or digit"
 
 
 class SiteKeyError(ValueError):
@@ -87,3 +92,16 @@ def write_key_pair(private_path: Path | str, force: bool = False) -> tuple[Path,
             Path(tmp).unlink(missing_ok=True)
             raise
     return private_path, public_path, public
+
+
+def revoked_keys(path: Path | str) -> dict[str, list[str]]:
+    """site -> every public key of it ever revoked, from revoked_sites.json (``fl-server
+    revoke``; an older file holds one key per site). Kept per key, not per site: a site
+    re-admitted with a new key is no longer revoked, and its old key stays refused.
+    Raises OSError/ValueError for an unreadable file."""
+    path = Path(path)
+    raw = json.loads(path.read_text()) if path.exists() else {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected {{site: [revoked public keys]}}")
+    return {str(site): [keys] if isinstance(keys, str) else [str(k) for k in keys]
+            for site, keys in raw.items()}

@@ -211,10 +211,19 @@ def test_keygen_makes_a_private_key_only_the_site_holds(tmp_path, capsys):
     assert "fl-server add-site hospital-a --public-key hospital-a_auth.pub" in out
 
     before = private.read_bytes()
-    assert _keygen("--name", "hospital-a", "--out", tmp_path / "keys") == 1  # never overwritten
+    assert _keygen("--name", "hospital-a", "--out", tmp_path / "keys") == 2  # never overwritten
     assert "a key already exists" in capsys.readouterr().err and private.read_bytes() == before
     assert _keygen("--name", "hospital-a", "--out", tmp_path / "keys", "--force") == 0
     assert private.read_bytes() != before
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", ".hidden", "", "x" * 65])
+def test_keygen_refuses_a_name_that_is_not_a_site_name(tmp_path, capsys, name):
+    (tmp_path / "kg").mkdir()
+    assert _keygen("--name", name, "--out", tmp_path / "kg") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a valid site name" in err
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
 
 
 def test_provision_files_site_public_keys_and_holds_no_private_key(tmp_path):
@@ -269,5 +278,38 @@ def test_add_site_files_a_new_site_and_refuses_a_revoked_key(tmp_path):
     op.mark_revoked(paths, "clinic-c", line.decode().strip())
     with pytest.raises(ConfigError, match="was revoked, and Flower never accepts it again"):
         op.add_site(consortium, tmp_path / "prov", "clinic-c", pub, say=said.append)
+    with pytest.raises(ConfigError, match="key of site 'clinic-c' was revoked") as err:
+        op.add_site(consortium, tmp_path / "prov", "clinic-d", pub, say=said.append)  # under any name
+    assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="expected NAME=FILE"):
         op.parse_public_keys(["clinic-c"])
+
+
+def test_add_site_refuses_a_key_filed_for_another_site(tmp_path):
+    from fl_server import operator as op
+    from shared.config import ConfigError
+    from shared.site_keys import write_key_pair
+
+    consortium = tmp_path / "consortium.yaml"
+    consortium.write_text(f"name: Demo\nrun_dir: {tmp_path / 'run'}\n"
+                          "server: {sites: [hospital-a], hosts: [127.0.0.1]}\n")
+    op.provision_consortium(consortium, tmp_path / "prov")
+    _, pub, _ = write_key_pair(tmp_path / "keys" / "hospital-a_auth")
+    op.add_site(consortium, tmp_path / "prov", "hospital-a", pub, say=lambda _: None)
+    op.add_site(consortium, tmp_path / "prov", "hospital-a", pub, say=lambda _: None)  # again: fine
+    with pytest.raises(ConfigError, match="already filed for site 'hospital-a'") as err:
+        op.add_site(consortium, tmp_path / "prov", "hospital-b", pub, say=lambda _: None)
+    assert "\n" not in str(err.value)
+    assert "hospital-b" not in op.OperatorPaths.of(tmp_path / "prov").site_keys()
+
+
+def test_operator_help_says_what_revoke_and_provision_do():
+    """revoke acts at once (README: "Revocation bites at once"); sites make their own keys."""
+    from fl_server.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    revoke = sub["revoke"].format_help()
+    assert "at its next connection" not in revoke and "discards its pending update" in revoke
+    assert "next request" in " ".join(revoke.split())
+    out = next(a for a in sub["provision"]._actions if a.dest == "out").help
+    assert "(its key" not in out and "fl-client keygen" in out

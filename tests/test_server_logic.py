@@ -243,8 +243,7 @@ def test_an_update_from_a_site_revoked_during_the_round_is_discarded(tmp_path):
     from fl_server.federation import _metric_lines
     from fl_server.report import round_table
 
-    strategy = ConsortiumStrategy(consortium(), Ledger())
-    strategy.revoked_file = tmp_path / "revoked_sites.json"
+    strategy = ConsortiumStrategy(consortium(), Ledger(), revoked_file=tmp_path / "revoked_sites.json")
     sent = [SimpleNamespace(metadata=SimpleNamespace(dst_node_id=node)) for node in (11, 12)]
     # the reply left the site before `fl-server revoke`; the server collects it after
     strategy.revoked_file.write_text(json.dumps({"gone": "ecdsa-sha2-nistp384 AAAA", "stranger": "x"}))
@@ -263,6 +262,42 @@ def test_an_update_from_a_site_revoked_during_the_round_is_discarded(tmp_path):
     table = round_table(lines)
     assert any(row.split()[:3] == ["gone", "supervised", "revoked"] for row in table.splitlines())
     assert "1 ok/0 failed/1 revoked" in table
+
+
+def test_a_site_readmitted_with_a_new_key_is_no_longer_revoked(tmp_path):
+    """The way back in (README): fl-client keygen --force, then fl-server add-site."""
+    from fl_server import operator as op
+    from fl_server.federation import read_revoked
+    from shared.config import ConfigError
+    from shared.site_keys import write_key_pair
+
+    yaml_file = tmp_path / "consortium.yaml"
+    yaml_file.write_text(f"name: Demo\nrun_dir: {tmp_path / 'run'}\nserver: {{sites: [s1], hosts: [127.0.0.1]}}\n")
+    op.provision_consortium(yaml_file, tmp_path / "prov")
+    paths = op.OperatorPaths.of(tmp_path / "prov")
+    said = []
+    _, pub, old_line = write_key_pair(tmp_path / "site" / "s1_auth")
+    old_pub = tmp_path / "old.pub"
+    old_pub.write_bytes(old_line)
+    op.add_site(yaml_file, tmp_path / "prov", "s1", old_pub, say=said.append)
+    op.revoke_site("s1", paths, say=said.append)
+    revoked_file = paths.flwr_home / op.REVOKED_FILE
+    strategy = ConsortiumStrategy(consortium(), Ledger(), revoked_file=revoked_file)
+    sent = [SimpleNamespace(metadata=SimpleNamespace(dst_node_id=11))]
+    assert read_revoked(revoked_file) == {"s1"}
+    assert strategy.collect(1, "supervised", sent, [fake_reply(11, "s1", 1.0)], state())["s1"].status == "revoked"
+
+    _, new_pub, _ = write_key_pair(tmp_path / "site" / "s1_auth", force=True)
+    with pytest.raises(ConfigError, match="s1' was revoked"):
+        op.add_site(yaml_file, tmp_path / "prov", "s1", old_pub, say=said.append)
+    op.add_site(yaml_file, tmp_path / "prov", "s1", new_pub, say=said.append)
+    assert read_revoked(revoked_file) == set()
+    later = strategy.collect(2, "supervised", sent, [fake_reply(11, "s1", 2.0)], state())
+    assert later["s1"].status == "ok" and strategy.ledger.site("s1").revoked == 0
+    assert op.registration_plan(paths, "run-x") == [("s1", "register")]
+    # revoked again: both keys stay revoked
+    op.revoke_site("s1", paths, say=said.append)
+    assert read_revoked(revoked_file) == {"s1"} and len(op._revoked(paths)["s1"]) == 2
 
 
 def test_superlink_refusals_are_one_line_each_naming_the_site():
