@@ -429,10 +429,10 @@ class _SharedDropout:
             return output
         if module.p == 1:
             return torch.zeros_like(output)
-        grouped = output.view(self._n_mc, -1, *output.shape[1:])
+        grouped = output.reshape(self._n_mc, -1, *output.shape[1:])
         keep = torch.empty((self._n_mc, 1, *output.shape[1:]), device=output.device, dtype=output.dtype)
         keep.bernoulli_(1 - module.p).div_(1 - module.p)
-        return (grouped * keep).view_as(output)
+        return (grouped * keep).reshape(output.shape)
 
     def __enter__(self):
         for layer in self._trained:
