@@ -266,9 +266,10 @@ def run_federation(
         outcomes = strategy.collect(server_round, phase, sent, replies, state)
         state, aggregated = strategy.aggregate(phase, outcomes, state)
         _evaluate(strategy, grid, server_round, ArrayRecord(state), outcomes)
-        calib_dice, calib_images = consortium_dice((o.eval.get("calib_dice"), o.eval.get("calib_images"))
-                                                   for o in outcomes.values() if o.status != "revoked")
-        selection = select(selection, server_round, phase, calib_dice, cfg.selection)
+        calib_reports = {site: (o.eval.get("calib_dice"), o.eval.get("calib_images"))
+                         for site, o in outcomes.items() if o.status != "revoked"}
+        calib_dice, calib_images = consortium_dice(calib_reports.values())
+        selection = select(selection, server_round, phase, calib_dice, cfg.selection, calib_reports)
         lines = _metric_lines(server_round, phase, outcomes, strategy.ledger, aggregated, time.time() - started)
         lines[-1].update(calib_dice=calib_dice, calib_images=calib_images, **_selection_fields(selection))
         for line in lines:

@@ -11,8 +11,8 @@ so the test score of the chosen model stays an honest estimate. Pure functions: 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
 
 from shared.config import SelectionConfig
 
@@ -27,6 +27,9 @@ class Selection:
     best_round: int | None = None
     best_dice: float | None = None
     rolled_back: bool = False  # this round was undone: the next one starts from best_round's model
+    # the best round's (calibration Dice, images) per site: a later round is compared with it over
+    # the sites both heard from, so a site that drops out or joins cannot fake a fall or a best
+    best_reports: dict = field(default_factory=dict, compare=True)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -36,8 +39,9 @@ class Selection:
         """From a checkpoint's payload; a checkpoint made before selection existed gives none."""
         raw = raw or {}
         best_round, best_dice = raw.get("best_round"), raw.get("best_dice")
+        reports = {str(site): (float(d), float(n)) for site, (d, n) in (raw.get("best_reports") or {}).items()}
         return cls(None if best_round is None else int(best_round),
-                   None if best_dice is None else float(best_dice), bool(raw.get("rolled_back", False)))
+                   None if best_dice is None else float(best_dice), bool(raw.get("rolled_back", False)), reports)
 
 
 def consortium_dice(reports: Iterable[tuple[float | None, float | None]]) -> tuple[float | None, int]:
@@ -53,17 +57,39 @@ def consortium_dice(reports: Iterable[tuple[float | None, float | None]]) -> tup
 
 
 def select(previous: Selection, server_round: int, phase: str, dice: float | None,
-           cfg: SelectionConfig) -> Selection:
-    """The selection after `server_round`, whose consortium calibration Dice is `dice`.
+           cfg: SelectionConfig, reports: Mapping[str, tuple[float | None, float | None]] | None = None) -> Selection:
+    """The selection after `server_round`, whose consortium calibration Dice is `dice` (from the
+    per-site `reports`, site -> (Dice, images), when given).
 
-    A higher Dice than the best so far makes this round the best (a tie keeps the earlier one). A
-    round without a figure is kept as it is. Otherwise a round of a phase in `cfg.rollback_phases`
-    that falls more than `cfg.rollback_margin` below the best is rolled back."""
+    The round is compared with the best so far over the sites both heard from (with no per-site
+    reports on either side, on the consortium figures). A higher figure makes this round the best
+    (a tie keeps the earlier one). A round without a figure, or with no site in common, is kept as
+    it is. Otherwise a round of a phase in `cfg.rollback_phases` that falls more than
+    `cfg.rollback_margin` below the best is rolled back."""
+    reports = {site: r for site, r in (reports or {}).items() if consortium_dice([r])[0] is not None}
+    keep = Selection(previous.best_round, previous.best_dice, False, previous.best_reports)
     if dice is None or not math.isfinite(dice):
-        return Selection(previous.best_round, previous.best_dice, False)
-    if previous.best_dice is None or dice > previous.best_dice:
-        return Selection(server_round, dice, False)
-    fell = previous.best_dice - dice
+        return keep
+    if previous.best_dice is None:
+        return Selection(server_round, dice, False, reports)
+    now, best = _comparable(previous, dice, reports)
+    if now is None:
+        return keep
+    if now > best:
+        return Selection(server_round, dice, False, reports)
+    fell = best - now
     rolled_back = (cfg.rollback_margin is not None and phase in cfg.rollback_phases
                    and fell > cfg.rollback_margin + _TOLERANCE)
-    return Selection(previous.best_round, previous.best_dice, rolled_back)
+    return Selection(previous.best_round, previous.best_dice, rolled_back, previous.best_reports)
+
+
+def _comparable(previous: Selection, dice: float, reports: Mapping) -> tuple[float | None, float | None]:
+    """(this round, the best round) over the sites both reported; the consortium figures when
+    either round has no per-site reports (a checkpoint from before they were kept)."""
+    if not (reports and previous.best_reports):
+        return dice, previous.best_dice
+    common = [site for site in reports if site in previous.best_reports]
+    if not common:
+        return None, None
+    return (consortium_dice(reports[s] for s in common)[0],
+            consortium_dice(previous.best_reports[s] for s in common)[0])

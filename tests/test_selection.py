@@ -85,7 +85,7 @@ def test_best_pt_follows_the_best_round_and_a_stop_between_the_writes_is_repaire
     run.save_round(2, weights[2], Ledger(), "h", Selection(2, 0.7), 0.7)
     best = torch.load(run.best, weights_only=True)
     assert best["round"] == 2 and best["calib_dice"] == 0.7 and best["state_dict"]["w"].tolist() == [2.0, 2.0]
-    assert best["selection"] == {"best_round": 2, "best_dice": 0.7, "rolled_back": False}
+    assert best["selection"] == {"best_round": 2, "best_dice": 0.7, "rolled_back": False, "best_reports": {}}
     assert run.latest_checkpoint().name == "round_002.pt"  # best.pt is no round checkpoint
 
     run.save_round(3, weights[3], Ledger(), "h", Selection(2, 0.7, True), 0.5)  # rolled back
@@ -138,3 +138,21 @@ def test_a_site_sends_calibration_dice_only_from_at_least_min_images_images():
     assert sorted(withheld) == ["calib_dice", "calib_images"] and out["too_few_calib"] == 1.0
     assert out["dice"] == 0.7 and out["num-examples"] == 12.0  # the test figures are unaffected
     assert withhold_small(dict(kept, calib_images=5.0), min_images=5)[1] == []
+
+
+def test_a_site_that_drops_out_or_joins_is_no_fall_and_no_best():
+    """Rounds are compared over the sites both heard from: by hand, the best round 2 has a 0.80 (10
+    images) and b 0.60 (10), 0.70 in all."""
+    best = select(Selection(), 2, "preference", 0.70, ON, {"a": (0.80, 10.0), "b": (0.60, 10.0)})
+    assert best.best_round == 2 and best.best_reports == {"a": (0.80, 10.0), "b": (0.60, 10.0)}
+    # b withholds its figure: a alone at 0.79 is 0.79 > 0.70 overall, but 0.01 under a's 0.80: kept, no best
+    s = select(best, 3, "preference", 0.79, ON, {"a": (0.79, 10.0), "b": (None, None)})
+    assert s.best_round == 2 and not s.rolled_back
+    # a drops out: b alone at 0.75 looks better than 0.70, but is 0.15 above b's 0.60: a new best
+    assert select(best, 3, "preference", 0.75, ON, {"b": (0.75, 10.0)}).best_round == 3
+    # a alone at 0.75 is more than 0.02 under a's 0.80 though it beats 0.70: rolled back
+    assert select(best, 3, "preference", 0.75, ON, {"a": (0.75, 10.0)}).rolled_back
+    # a new site c only: nothing in common, kept as it is
+    assert select(best, 3, "preference", 0.10, ON, {"c": (0.10, 10.0)}) == Selection(2, 0.70, False, best.best_reports)
+    # the per-site reports survive a checkpoint
+    assert Selection.from_dict(json.loads(json.dumps(best.to_dict()))) == best
