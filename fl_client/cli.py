@@ -20,6 +20,17 @@ from shared.flower_env import apply_flower_env
 SITE_HELP = "this site's YAML (see sites/example-site.yaml; fl-server provision writes one per site)"
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: 0 or a negative count is a usage error, not a traceback or an empty run."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: give a positive number (1 or more)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Every option with a help text (tests/test_bad_input.py walks them all)."""
     parser = argparse.ArgumentParser(prog="fl-client", description="Run a hospital site of the consortium.")
@@ -52,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict = sub.add_parser("predict", help="segment a folder of new images with a trained model: one mask per "
                              "image (its format, its size), a CSV with areas and predicted Dice to review")
     predict.add_argument("--model", required=True, type=Path,
-                         help="an exported MONAI bundle (fl-server export), a run directory (its last round) "
+                         help="an exported MONAI bundle (fl-server export), a run directory (its best.pt, else its last round) "
                               "or a checkpoint file inside one")
     predict.add_argument("--images", required=True, type=Path, help="folder of PNG, JPEG or NIfTI images")
     predict.add_argument("--out", required=True, type=Path,
@@ -65,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="flag images whose predicted Dice is below this (default 0.7)")
     predict.add_argument("--max-fraction", type=float, default=0.9,
                          help="flag masks covering more than this share of the image (default 0.9); empty masks are always flagged")
-    predict.add_argument("--batch-size", type=int, default=8, help="images per network pass (default 8)")
+    predict.add_argument("--batch-size", type=_positive_int, default=8, help="images per network pass (default 8)")
     predict.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the network runs (default auto)")
     predict.add_argument("--force", action="store_true", help="replace existing masks, overlays and CSV in --out")
     return parser

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 from shared import bundle
-from shared.config import ConfigError
+from shared.config import ConfigError, device_problem
 from shared.data import BadFile
-from shared.inference import (InferenceSpec, Loaded, image_stem, is_image_file, is_nifti, load_image, mask_at,
-                              spec_from_run_dir)
+from shared.inference import (InferenceSpec, Loaded, default_checkpoint, image_stem, is_image_file, is_nifti,
+                              load_image, mask_at, spec_from_run_dir)
 from shared.model import load_state, resolve_device
 from shared.site import model_from_config
 
@@ -52,10 +52,8 @@ def load_predictor(model: Path) -> tuple[torch.nn.Module, InferenceSpec, str]:
     if model.is_dir() and bundle.is_bundle(model):
         spec, weights, what = bundle.read_spec(model), model / bundle.WEIGHTS, f"bundle {model}"
     elif model.is_dir() and (model / "config.yaml").is_file():
-        found = sorted((model / "checkpoints").glob("round_*.pt"))
-        if not found:
-            raise ConfigError(f"{model}: run directory without checkpoints/round_NNN.pt")
-        spec, weights, what = spec_from_run_dir(model), found[-1], f"{found[-1]}"
+        weights, why = default_checkpoint(model)
+        spec, what = spec_from_run_dir(model), f"{weights} ({why})"
     elif model.is_file():
         run_dir = next((p for p in (model.parent, model.parent.parent) if (p / "config.yaml").is_file()), None)
         if run_dir is None:
@@ -142,6 +140,11 @@ def predict(model: Path, images: Path, out: Path, judge_path: Path | None = None
             device: str = "auto", progress: bool = True) -> int:
     """Segment every image of `images` into `out`; 0, or 1 when a file was skipped."""
     options = options or Options()
+    if options.batch_size < 1:
+        raise ConfigError(f"--batch-size: {options.batch_size} images per pass; give a positive number")
+    problem = device_problem(device)
+    if problem:  # before any file is read, not a traceback after
+        raise ConfigError(f"--device: {problem}")
     images, out = Path(images), Path(out)
     files, skipped = plan(images, out, options.overlays, options.force)
     net, spec, what = load_predictor(model)

@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", type=Path, help="a run directory (holds config.yaml and checkpoints/)")
     export.add_argument("--out", required=True, type=Path, help="bundle folder to write (configs/, models/, docs/)")
     export.add_argument("--round", metavar="N|best",
-                        help="round N, or best (RUN_DIR/best.pt, the round chosen on calibration Dice); default: the last round")
+                        help="round N, or best (RUN_DIR/best.pt, the round chosen on calibration Dice); default: best.pt "
+                             "when the run has one, else the last round")
     export.add_argument("--force", action="store_true", help="replace the files of an existing bundle in --out")
     return parser
 

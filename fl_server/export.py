@@ -8,33 +8,36 @@ figures (never a per-image number). The bundle layout lives in `shared.bundle`, 
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 
 from shared import bundle
 from shared.config import ConfigError
-from shared.inference import InferenceSpec, preprocessing_description, run_config, spec_from_run_dir
+from shared.inference import (BEST, InferenceSpec, default_checkpoint, preprocessing_description, run_config,
+                              spec_from_run_dir)
 from shared.model import load_state
 from shared.site import model_from_config
 
-BEST = "best.pt"
 
-
-def choose_checkpoint(run_dir: Path, which: str | None) -> tuple[Path, int | None]:
-    """The checkpoint file to export: round N, `best` (RUN_DIR/best.pt) or the last round."""
+def choose_checkpoint(run_dir: Path, which: str | None) -> tuple[Path, int | None, str]:
+    """(checkpoint, round, why): round N, `best` (RUN_DIR/best.pt), or by default best.pt when the
+    run has one, else the last round (which model selection may have rolled back)."""
     checkpoints = sorted((run_dir / "checkpoints").glob("round_*.pt"))
     if which == "best":
         path = run_dir / BEST
         if not path.is_file():
             raise ConfigError(f"{run_dir}: no {BEST} in RUN_DIR (a run that chose no best round); export a round with --round N")
-        return path, None
+        return path, None, "--round best"
     if which is None:
-        if not checkpoints:
-            raise ConfigError(f"{run_dir}: no checkpoints/round_NNN.pt: the run has not completed a round")
-        return checkpoints[-1], int(checkpoints[-1].stem.split("_")[1])
+        path, why = default_checkpoint(run_dir)
+        return path, None if path.name == BEST else int(path.stem.split("_")[1]), why
     try:
         number = int(which)
     except ValueError:
@@ -43,13 +46,14 @@ def choose_checkpoint(run_dir: Path, which: str | None) -> tuple[Path, int | Non
     if not path.is_file():
         have = ", ".join(str(int(p.stem.split('_')[1])) for p in checkpoints) or "none"
         raise ConfigError(f"{path}: no checkpoint for round {number} (rounds saved: {have})")
-    return path, number
+    return path, number, f"--round {number}"
 
 
 def consortium_figures(run_dir: Path, round_number: int | None) -> dict:
-    """Aggregates from metrics.jsonl for the exported round: each site's test Dice (its test split)
-    and calibration Dice (measured by the sites on the model when it arrived next round, or by
-    the server's federated evaluation where the run records one), with image counts."""
+    """Aggregates from metrics.jsonl for the exported round: each site's test and calibration Dice
+    with image counts (the `eval` of its site line: dice / n_images, calib_dice / calib_images,
+    measured on that round's global model), the consortium's calibration Dice of the round and
+    model selection's best round so far (the global lines: calib_dice, best_round, best_calib_dice)."""
     path = run_dir / "metrics.jsonl"
     records = []
     if path.is_file():
@@ -58,56 +62,83 @@ def consortium_figures(run_dir: Path, round_number: int | None) -> dict:
                 records.append(json.loads(line))
             except ValueError:
                 continue
+    records = [r for r in records if isinstance(r, dict)]
     rounds = sorted({int(r["round"]) for r in records if "round" in r})
+    count = lambda v: None if v is None else int(v)  # noqa: E731 - metrics.jsonl stores counts as floats
     sites: dict[str, dict] = {}
     for r in records:
-        if r.get("kind") != "site" or round_number is None:
+        if r.get("kind") != "site" or round_number is None or r.get("round") != round_number:
             continue
-        entry = sites.setdefault(r["site"], {"test_dice": None, "test_images": None, "calibration_dice": None})
-        evaluation, train = r.get("eval") or {}, r.get("train") or {}
-        if r.get("round") == round_number:
-            if "dice" in evaluation:
-                entry["test_dice"], entry["test_images"] = evaluation["dice"], evaluation.get("n_images")
-            for key in ("calibration_dice", "cal_dice"):
-                if key in evaluation:
-                    entry["calibration_dice"] = evaluation[key]
-        if r.get("round") == round_number + 1 and entry["calibration_dice"] is None and "rel_dice_identity" in train:
-            entry["calibration_dice"] = train["rel_dice_identity"]
+        evaluation = r.get("eval") or {}
+        sites[r["site"]] = {"test_dice": evaluation.get("dice"), "test_images": count(evaluation.get("n_images")),
+                            "calibration_dice": evaluation.get("calib_dice"),
+                            "calibration_images": count(evaluation.get("calib_images"))}
     overall = next((r for r in records if r.get("kind") == "global" and r.get("round") == round_number), {})
+    latest = next((r for r in reversed(records) if r.get("kind") == "global"), {})
     return {"rounds_completed": max(rounds) if rounds else None, "sites": sites,
-            "mean_test_dice": overall.get("mean_dice")}
+            "mean_test_dice": overall.get("mean_dice"), "calibration_dice": overall.get("calib_dice"),
+            "calibration_images": count(overall.get("calib_images")),
+            "best_round": latest.get("best_round"), "best_calib_dice": latest.get("best_calib_dice")}
 
 
-def export(run_dir: Path, out: Path, which: str | None = None, force: bool = False) -> Path:
-    """Write the bundle; returns its folder. ConfigError (one line) for a bad run dir or round."""
+def export(run_dir: Path, out: Path, which: str | None = None, force: bool = False) -> tuple[Path, Path, str]:
+    """Write the bundle; returns (its folder, the checkpoint, why that one). ConfigError (one line) for
+    a bad run dir, round or network. Everything is computed first and written into a temporary folder
+    beside --out, moved in at the end: a failure leaves no half-written bundle."""
     run_dir, out = Path(run_dir), Path(out)
+    config = run_dir / "config.yaml"
     spec = spec_from_run_dir(run_dir)
-    checkpoint, number = choose_checkpoint(run_dir, which)
+    checkpoint, number, why = choose_checkpoint(run_dir, which)
     try:
         payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ConfigError(f"{checkpoint}: cannot read: {type(exc).__name__}: {exc}") from None
     if number is None and isinstance(payload, dict) and "round" in payload:
         number = int(payload["round"])
-    targets = [out / p for p in (bundle.METADATA, bundle.INFERENCE, bundle.WEIGHTS, bundle.TORCHSCRIPT, bundle.README)]
-    existing = [p for p in targets if p.exists()]
+    names = (bundle.METADATA, bundle.INFERENCE, bundle.WEIGHTS, bundle.TORCHSCRIPT, bundle.README)
+    existing = [out / p for p in names if (out / p).exists()]
     if existing and not force:
         raise ConfigError(f"{existing[0]}: already exists; choose another --out or pass --force to replace the bundle")
-    model = model_from_config(spec.model)
+    try:
+        inference = bundle.inference_config(spec)
+        model = model_from_config(spec.model)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{config}: model: {spec.model.name} cannot be exported as a MONAI bundle: {exc}") from None
     try:
         model.load_state_dict(load_state(checkpoint))
     except RuntimeError as exc:
         raise ConfigError(f"{checkpoint}: does not fit the run's model ({str(exc).splitlines()[0]})") from None
     model.eval()
-    for p in targets:
-        p.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), out / bundle.WEIGHTS)
     metadata = _metadata(spec, run_dir, checkpoint, number)
-    _torchscript(model, spec, out / bundle.TORCHSCRIPT, metadata)
-    (out / bundle.METADATA).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
-    (out / bundle.INFERENCE).write_text(json.dumps(bundle.inference_config(spec), indent=2) + "\n", encoding="utf-8")
-    (out / bundle.README).write_text(_readme(metadata), encoding="utf-8")
-    return out
+    weights = io.BytesIO()
+    torch.save(model.state_dict(), weights)
+    files = {bundle.WEIGHTS: weights.getvalue(),
+             bundle.TORCHSCRIPT: _torchscript(model, spec, config, metadata),
+             bundle.METADATA: (json.dumps(metadata, indent=2) + "\n").encode("utf-8"),
+             bundle.INFERENCE: (json.dumps(inference, indent=2) + "\n").encode("utf-8"),
+             bundle.README: _readme(metadata).encode("utf-8")}
+    _write_bundle(out, files)
+    return out, checkpoint, why
+
+
+def _write_bundle(out: Path, files: dict[Path, bytes]) -> None:
+    """Write `files` into a temporary folder beside `out`, then move each into `out` (os.replace)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    except OSError as exc:
+        raise ConfigError(f"{out.parent}: cannot write the bundle there ({exc.strerror or exc})") from None
+    try:
+        for name, data in files.items():
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
+            (staging / name).write_bytes(data)
+        for name in files:
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / name, out / name)
+    except OSError as exc:
+        raise ConfigError(f"{out}: cannot write the bundle ({exc.strerror or exc})") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _metadata(spec: InferenceSpec, run_dir: Path, checkpoint: Path, number: int | None) -> dict:
@@ -157,21 +188,29 @@ def _version(module: str) -> str | None:
         return None
 
 
-def _torchscript(model, spec: InferenceSpec, path: Path, metadata: dict) -> None:
+def _torchscript(model, spec: InferenceSpec, config: Path, metadata: dict) -> bytes:
     """Script the network (trace where scripting fails); it must give the state dict's output."""
     import warnings
 
     example = torch.randn(2, spec.channels, spec.image_size, spec.image_size)
     with warnings.catch_warnings():  # torch 2.x deprecates TorchScript; MONAI bundles still ship model.ts
-        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore")
         try:
             scripted = torch.jit.script(model)
         except Exception:
-            scripted = torch.jit.trace(model, example)
+            try:
+                scripted = torch.jit.trace(model, example)
+            except Exception as exc:  # noqa: BLE001 - one line naming the network, not a tracer traceback
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise ConfigError(f"{config}: model: {spec.model.name} cannot be converted to TorchScript "
+                                  f"({first})") from None
         with torch.no_grad():
             if not torch.allclose(scripted(example), model(example), atol=1e-5):
-                raise RuntimeError(f"{path}: the TorchScript model does not reproduce the network's output")
-        torch.jit.save(scripted, str(path), _extra_files={"metadata.json": json.dumps(metadata)})
+                raise ConfigError(f"{config}: model: {spec.model.name}'s TorchScript does not reproduce the "
+                                  "network's output, so no bundle is written")
+        buffer = io.BytesIO()
+        torch.jit.save(scripted, buffer, _extra_files={"metadata.json": json.dumps(metadata)})
+    return buffer.getvalue()
 
 
 def _readme(meta: dict) -> str:
@@ -190,19 +229,23 @@ def _readme(meta: dict) -> str:
              "`fl-client predict --model . --images DIR --out DIR` (original format and size per file, a CSV "
              "with areas and the learned judge's predicted Dice).", "",
              "Consortium figures (aggregates per site, Dice of the exported round):", "",
-             "| site | test Dice | test images | calibration Dice |", "|---|---|---|---|"]
+             "| site | test Dice | test images | calibration Dice | calibration images |", "|---|---|---|---|---|"]
+    fmt = lambda v: "" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
     for name, figures in ours["sites"].items():
-        fmt = lambda v: "" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
-        lines.append(f"| {name} | {fmt(figures['test_dice'])} | {fmt(figures['test_images'])} | {fmt(figures['calibration_dice'])} |")
+        lines.append(f"| {name} | {fmt(figures['test_dice'])} | {fmt(figures['test_images'])} | "
+                     f"{fmt(figures['calibration_dice'])} | {fmt(figures['calibration_images'])} |")
+    if ours.get("best_round") is not None:
+        lines += ["", f"Model selection: best round {ours['best_round']} (consortium calibration Dice "
+                      f"{fmt(ours.get('best_calib_dice'))}); this bundle is round {ours['round']}."]
     return "\n".join(lines) + "\n"
 
 
 def cmd_export(args) -> int:
     try:
-        out = export(args.run_dir, args.out, args.round, args.force)
+        out, checkpoint, why = export(args.run_dir, args.out, args.round, args.force)
     except ConfigError as exc:
         print(f"fl-server: {exc}", file=sys.stderr)
         return 2
-    print(f"{out}: MONAI bundle written (python -m monai.bundle run --config_file {out / bundle.INFERENCE} "
+    print(f"{out}: MONAI bundle of {checkpoint} ({why}) written (python -m monai.bundle run --config_file {out / bundle.INFERENCE} "
           f"--bundle_root {out} --dataset_dir IMAGES --output_dir MASKS)")
     return 0

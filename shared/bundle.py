@@ -20,6 +20,7 @@ from pathlib import Path
 
 from shared.config import ConfigError
 from shared.inference import InferenceSpec
+from shared.networks import NETWORKS, network_kwargs
 
 METADATA = Path("configs") / "metadata.json"
 INFERENCE = Path("configs") / "inference.json"
@@ -50,18 +51,12 @@ def read_spec(bundle: Path) -> InferenceSpec:
 
 
 def network_def(spec: InferenceSpec) -> dict:
-    """The network as a MONAI bundle `_target_` (shared.model.build_model's arguments)."""
+    """The network as a MONAI bundle `_target_`: the class and keyword arguments training builds it
+    with (shared.networks), so every trainable network exports and its weights load unchanged.
+    ValueError (networks' words) for a model that cannot be built."""
     m = spec.model
-    if m.name == "unet":
-        return {"_target_": "monai.networks.nets.UNet", "spatial_dims": 2, "in_channels": m.in_channels,
-                "out_channels": 1, "channels": list(m.channels), "strides": list(m.strides),
-                "num_res_units": m.num_res_units, "dropout": m.dropout}
-    if m.name == "basic_unet":
-        c = list(m.channels)
-        features = c if len(c) == 6 else [c[0], *c, c[0]]
-        return {"_target_": "monai.networks.nets.BasicUNet", "spatial_dims": 2, "in_channels": m.in_channels,
-                "out_channels": 1, "features": features, "dropout": m.dropout}
-    raise ConfigError(f"model.name: {m.name!r} cannot be exported as a MONAI bundle yet (unet, basic_unet)")
+    kwargs = network_kwargs(m.name, m.in_channels, m.channels, m.strides, m.num_res_units, m.dropout, m.args)
+    return {"_target_": f"monai.networks.nets.{NETWORKS[m.name].monai_class}", **json.loads(json.dumps(kwargs))}
 
 
 def inference_config(spec: InferenceSpec) -> dict:
@@ -70,8 +65,8 @@ def inference_config(spec: InferenceSpec) -> dict:
     image = ["$lambda x: x.permute(2, 1, 0).contiguous().permute(2, 0, 1)"]  # (C, W, H) -> (C, H, W), rows in memory as training
     if spec.channels == 1:
         image.append("$lambda x: (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])[None] if x.shape[0] == 3 else x")
-    image += [
-        f"$lambda x: torch.zeros((x.shape[0], {s}, {s})) if x.amin() == x.amax() else x if tuple(x.shape[1:]) == ({s}, {s}) "
+    image += [  # new_zeros, not torch.zeros: a blank image keeps its metadata (spatial_shape) for postprocessing
+        f"$lambda x: x.new_zeros((x.shape[0], {s}, {s}), dtype=torch.float32) if x.amin() == x.amax() else x if tuple(x.shape[1:]) == ({s}, {s}) "
         f"else torch.nn.functional.interpolate(x[None], size=({s}, {s}), mode='bilinear', antialias=True, align_corners=False)[0]",
         "$lambda x: (lambda std, mean: (x - mean) / std if std > 0 else x - mean)(*torch.std_mean(x, correction=0))",
     ]

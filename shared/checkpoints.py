@@ -15,12 +15,13 @@ from pathlib import Path
 
 import torch
 
+# the bundle layout is fl-server export's (shared.bundle imports nothing of this module: no cycle)
+from shared.bundle import METADATA as BUNDLE_METADATA
+from shared.bundle import TORCHSCRIPT as BUNDLE_TORCHSCRIPT
+from shared.bundle import WEIGHTS as BUNDLE_WEIGHTS
 from shared.config import ConfigError, ConsortiumConfig, ModelConfig
 from shared.networks import describe
 
-BUNDLE_METADATA = Path("configs") / "metadata.json"
-BUNDLE_WEIGHTS = Path("models") / "model.pt"
-BUNDLE_TORCHSCRIPT = Path("models") / "model.ts"
 HEADS = ("fc.", "_fc.")  # a backbone file's classifier: not part of FlexibleUNet's encoder
 # MONAI nests EfficientNet blocks by stage (`_blocks.<stage>.<block>.`); efficientnet-pytorch files
 # number them flat (`_blocks.<block>.`): the mapping MONAI's own pretrained loader uses

@@ -614,12 +614,9 @@ def site_machine_problems(site: SiteConfig) -> list[str]:
     so neither surfaces as a traceback after the data has loaded. Lines are `file: key: problem`."""
     problems = []
     where = site.source_file or "<site>"
-    if site.device == "cuda":
-        import torch  # only here: loading a YAML must not need torch
-
-        if not torch.cuda.is_available():
-            problems.append(f"{where}: device: 'cuda' but this machine has no usable CUDA GPU; "
-                            "use auto (CUDA when present, else CPU) or cpu")
+    problem = device_problem(site.device)
+    if problem:
+        problems.append(f"{where}: device: {problem}")
     work_dir = site.work_dir
     try:
         work_dir.mkdir(parents=True, exist_ok=True)
@@ -630,6 +627,18 @@ def site_machine_problems(site: SiteConfig) -> list[str]:
         problems.append(f"{where}: work_dir: {work_dir} is not a writable folder ({exc.strerror or exc}); "
                         "give a folder this account can create and write")
     return problems
+
+
+def device_problem(device: str) -> str | None:
+    """Why `device` cannot run on this machine (None when it can): the site check and
+    `fl-client predict --device` word it alike."""
+    if device != "cuda":
+        return None
+    import torch  # only here: loading a YAML must not need torch
+
+    if torch.cuda.is_available():
+        return None
+    return "'cuda' but this machine has no usable CUDA GPU; use auto (CUDA when present, else CPU) or cpu"
 
 
 def require_usable_site(site: SiteConfig) -> None:

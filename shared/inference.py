@@ -74,6 +74,21 @@ def spec_from_run_dir(run_dir: Path) -> InferenceSpec:
     return InferenceSpec(model, size, model.in_channels, sizes)
 
 
+BEST = "best.pt"  # the run's model selection (fl_server.run_dir): the best round on calibration Dice
+
+
+def default_checkpoint(run_dir: Path) -> tuple[Path, str]:
+    """(checkpoint, why it was chosen): RUN_DIR/best.pt when the run selected one, else the last
+    round's. The last round may be one model selection rolled back, so it is only the fallback."""
+    run_dir = Path(run_dir)
+    if (run_dir / BEST).is_file():
+        return run_dir / BEST, "the best round on calibration Dice"
+    found = sorted((run_dir / "checkpoints").glob("round_*.pt"))
+    if not found:
+        raise ConfigError(f"{run_dir}: no {BEST} and no checkpoints/round_NNN.pt: the run has not completed a round")
+    return found[-1], f"the last round: the run has no {BEST}"
+
+
 def preprocessing_description(spec: InferenceSpec) -> dict:
     """Plain words and numbers for metadata.json: what an image goes through before the network."""
     return {
