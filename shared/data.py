@@ -574,10 +574,14 @@ def _load(site: SiteConfig, splits: tuple[str, ...], checking: bool,
         loaded = {split: _read_split_cached(plan, split, site) if cache and not checking
                   else _read_split(plan, site.image_size, site.channels, keep=not checking)
                   for split, plan in plans.items()}
+    # below min_images a split's figures stay at the site and a round that trains on it fails
+    least = max(_MIN_SPLIT_SIZE, site.min_images)
     warnings = [
-        Problem(plans[split].folder, f"split {split!r} has {len(part)} usable image(s), fewer than {_MIN_SPLIT_SIZE}", "warning")
+        Problem(plans[split].folder, f"split {split!r} has {len(part)} usable image(s), fewer than "
+                + (f"min_images {site.min_images}: its figures are never sent and a round that trains on it "
+                   "fails as too-few-images" if site.min_images > _MIN_SPLIT_SIZE else f"{_MIN_SPLIT_SIZE}"), "warning")
         for split, part in loaded.items()
-        if len(part) < _MIN_SPLIT_SIZE and plans[split].wanted
+        if len(part) < least and plans[split].wanted
     ]
     return loaded, (unusable or []) + warnings
 

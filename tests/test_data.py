@@ -319,6 +319,15 @@ def _bad_labeled_folder(folder: Path) -> dict[str, str]:
     }
 
 
+def test_check_warns_about_a_split_under_min_images(tmp_path):
+    root = tmp_path / "data"
+    for split in SPLITS:
+        _pairs(root / split, [f"{split}{i}" for i in range(4 if split == "calibration" else 6)])
+    problems = check_site_data(_site(tmp_path, _explicit(root)))  # min_images 5 by default
+    assert [(p.file, p.level) for p in problems] == [(root / "calibration" / "images", "warning")]
+    assert "fewer than min_images 5: its figures are never sent" in problems[0].reason
+
+
 def test_check_lists_every_problem_and_load_skips_bad_files(tmp_path, caplog):
     root = tmp_path / "data"
     expected = _bad_labeled_folder(root / "labeled")
@@ -326,7 +335,8 @@ def test_check_lists_every_problem_and_load_skips_bad_files(tmp_path, caplog):
     (root / "calibration" / "images").mkdir(parents=True)  # empty
     (root / "calibration" / "masks").mkdir(parents=True)
     _pairs(root / "test", ["t1"])  # a single image: warning
-    site = _site(tmp_path, {**_explicit(root), "test": _folder(root / "test"), "calibration": _folder(root / "calibration")})
+    site = _site(tmp_path, {**_explicit(root), "test": _folder(root / "test"), "calibration": _folder(root / "calibration")},
+                 min_images=2)  # the small-split warning below is the plain one (min_images: see the next test)
     site_missing = _site(tmp_path / "m", {**_explicit(root), "calibration": _folder(tmp_path / "nowhere")})
 
     problems = check_site_data(site)
@@ -380,7 +390,7 @@ def test_source_split_with_groups_and_source_level_problems(tmp_path):
         "seed": 5,
         "groups": {"pattern": r"^(p\d+)_"},
     }
-    site = _site(tmp_path, data)
+    site = _site(tmp_path, data, min_images=2)  # splits of 2-7 images: no small-split warning here
     loaded = load_site_data(site)
     owner = {}
     for split, part in loaded.items():
