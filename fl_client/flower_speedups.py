@@ -24,14 +24,13 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from shared.processes import spawn, split_address
+from shared.processes import port_open, spawn, split_address
 
 FORK_MARKER = "flower_speedups: forked ClientApp"  # one line in supernode.log per forked task
 
@@ -187,7 +186,7 @@ def run_warm_superexec(runtime_address: str, supernode_pid: int, timeout: float 
 
     host, port = split_address(runtime_address)
     deadline = time.monotonic() + timeout
-    while not _port_listening(host, port):  # the SuperNode opens its Runtime API first
+    while not port_open(host, port):  # the SuperNode opens its Runtime API first
         if time.monotonic() > deadline or not _pid_alive(supernode_pid):
             sys.exit(f"warm SuperExec: no SuperNode Runtime API on {runtime_address}")
         time.sleep(0.1)
@@ -195,14 +194,6 @@ def run_warm_superexec(runtime_address: str, supernode_pid: int, timeout: float 
     print("flower_speedups: warm SuperExec ready (ClientApp tasks are forked)", flush=True)
     superexec.run_superexec(runtime_api_address=runtime_address, insecure=True,
                             parent_pid=supernode_pid)
-
-
-def _port_listening(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 def _pid_alive(pid: int) -> bool:
