@@ -352,7 +352,8 @@ def _failure(reason: str) -> tuple[str | None, str]:
         lines = [line for line in (reason or "").splitlines() if line.strip()]
         return None, lines[-1].strip()[:300] if lines else "client error"
     site, text = found[-1]
-    return (None if site == "unknown" else site), text.strip()[:300]
+    # the simulation engine quotes the exception's text in its own wrapper (`...: data'>`)
+    return (None if site == "unknown" else site), text.strip().rstrip("'>\"").strip()[:300]
 
 
 def read_revoked(path: Path | None, keys_dir: Path | None = None) -> set[str]:

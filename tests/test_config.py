@@ -537,7 +537,7 @@ def test_example_site_passes_check_once_the_folders_exist(tmp_path):
     mask = np.zeros((20, 24), np.uint8)
     mask[5:15, 8:16] = 255
     for split in SPLITS:
-        for stem in ("case1", "case2"):
+        for stem in ("case1", "case2", "case3", "case4", "case5"):  # min_images (5) a split: no warning
             _png(root / split / "images" / f"{stem}.png", rng.integers(0, 256, (20, 24), dtype=np.uint8))
             if split != "unlabeled":
                 _png(root / split / "masks" / f"{stem}.png", mask)

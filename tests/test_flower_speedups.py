@@ -100,7 +100,9 @@ def test_fork_executor_runs_flowers_run_clientapp_in_a_forked_child(monkeypatch,
     out = tmp_path / "child.txt"
 
     def fake_run_clientapp(runtime_api_address, token, insecure, parent_pid):
-        out.write_text(f"{os.getpid()} {runtime_api_address} {token}")
+        tmp = out.with_suffix(".tmp")  # written whole, then renamed: the parent never reads half a file
+        tmp.write_text(f"{os.getpid()} {runtime_api_address} {token}")
+        os.replace(tmp, out)
 
     monkeypatch.setattr("flwr.supernode.runtime.run_clientapp.run_clientapp", fake_run_clientapp)
     executor = fs.make_fork_executor()
@@ -108,7 +110,7 @@ def test_fork_executor_runs_flowers_run_clientapp_in_a_forked_child(monkeypatch,
                          insecure=True, root_certificates_path=None, runtime_dependency_install=False,
                          parent_pid=None, suppress_output=False, task_id=1)
     assert executor.launch(spec).status == LaunchResultStatus.ACCEPTED
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 300  # a bound on a hung child, not a race with a busy machine
     while not out.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     executor.reconcile()

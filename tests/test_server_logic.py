@@ -415,3 +415,11 @@ def test_a_judge_that_ranks_well_but_hurts_is_excluded_by_its_outcome():
     for r in (1, 2, 3):
         quiet.record_reliability("a", r, hurt, off)
     assert quiet.site("a").state == TRUSTED
+
+
+def test_a_failure_reason_is_read_from_the_simulation_engines_wrapper():
+    from fl_server.federation import _failure
+
+    wrapped = "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'site 'shenzhen_a': data'>"
+    assert _failure(wrapped) == ("shenzhen_a", "data")
+    assert _failure("site 'a': data (see site log, id 1f2e3d4c)") == ("a", "data (see site log, id 1f2e3d4c)")
