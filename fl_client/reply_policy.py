@@ -31,7 +31,6 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
 from fl_client.site_context import resolve_site
-from shared.config import ConfigError
 from shared.wire import PACKED_LAYOUT, pack_arrays, packed_layout, unpack_arrays
 
 SITE_LOG = "site.log"
