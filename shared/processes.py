@@ -213,7 +213,9 @@ def spawn(
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """SIGTERM raises KeyboardInterrupt like Ctrl-C does (main thread only), so that the
-    operator's and a site's long-running commands stop their processes the same way."""
+    operator's and a site's long-running commands stop their processes the same way. SIGINT
+    raises it too even when the command was started with SIGINT ignored (Python then installs
+    no handler: a background job of a script, a service manager), so one `kill -INT` stops it."""
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
@@ -222,10 +224,12 @@ def sigterm_as_interrupt() -> Iterator[None]:
     except ValueError:  # not the main thread
         yield
         return
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 def split_address(address: str) -> tuple[str, int]:

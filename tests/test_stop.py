@@ -341,3 +341,28 @@ def test_fl_client_start_stops_while_waiting_for_the_server(consortium):
     finally:
         if client.poll() is None:
             _kill_session(client)
+
+
+def test_sigint_stops_a_command_started_with_sigint_ignored(tmp_path):
+    """A background job of a script (or a service) starts with SIGINT ignored and Python then sets
+    no handler: fl-server start and fl-client start must still stop on one SIGINT."""
+    code = ("import sys, time\n"
+            "from shared.processes import sigterm_as_interrupt\n"
+            "with sigterm_as_interrupt():\n"
+            "    try:\n"
+            "        print('ready', flush=True)\n"
+            "        time.sleep(300)\n"
+            "    except KeyboardInterrupt:\n"
+            "        print('stopped', flush=True)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[1],
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGINT)
+        assert proc.stdout.readline().strip() == "stopped"
+        assert proc.wait(STOP_BOUND) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
