@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,10 +126,7 @@ class ManagedProcess:
         signal_group(pgid, signal.SIGKILL)
         for pid, started in below:
             if started is not None and _start_time(pid) == started:  # not a reused pid
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
+                _kill(pid, signal.SIGKILL)
         self._group_killed = True
         return self.process.returncode
 
@@ -146,10 +143,13 @@ def log_length(log_path: Path) -> int:
 
 
 def signal_group(pgid: int, sig: int) -> None:
-    try:
+    with suppress(ProcessLookupError, PermissionError):  # already gone, or no longer ours
         os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+
+
+def _kill(pid: int, sig: int) -> None:
+    with suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, sig)
 
 
 def descendants(pid: int) -> list[int]:
@@ -188,10 +188,7 @@ def kill_descendants(pid: int | None = None, rounds: int = 3) -> None:
         if not found:
             return
         for child in found:
-            try:
-                os.kill(child, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+            _kill(child, signal.SIGKILL)
 
 
 def spawn(
