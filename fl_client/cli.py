@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from shared.flower_env import apply_flower_env
+from shared.processes import sigterm_as_interrupt
 
 
 SITE_HELP = "this site's YAML (see sites/example-site.yaml; fl-server provision writes one per site)"
@@ -89,22 +90,31 @@ def main(argv=None) -> int:
     from shared.config import ConfigError
 
     try:
-        if args.command == "check":
-            return cmd_check(args)
-        if args.command == "local":
-            return cmd_local(args)
-        if args.command == "keygen":
-            from fl_client.keygen import keygen
-
-            return keygen(args.site, args.name, args.out, args.force)
-        if args.command == "predict":
-            from fl_client.predict import cmd_predict
-
-            return cmd_predict(args)
-        return cmd_start(args)
+        with sigterm_as_interrupt():  # from the first line: a signal before a command's own
+            return _dispatch(args)  # handler is set stops it with one line too, not a traceback
+    except KeyboardInterrupt:
+        print(f"fl-client: {args.command} stopped", file=sys.stderr, flush=True)
+        return 130
     except ConfigError as exc:
         print(f"fl-client: {exc}", file=sys.stderr)
         return 2
+
+
+def _dispatch(args) -> int:
+    """The command's function; main() turns config errors and signals into one line."""
+    if args.command == "check":
+        return cmd_check(args)
+    if args.command == "local":
+        return cmd_local(args)
+    if args.command == "keygen":
+        from fl_client.keygen import keygen
+
+        return keygen(args.site, args.name, args.out, args.force)
+    if args.command == "predict":
+        from fl_client.predict import cmd_predict
+
+        return cmd_predict(args)
+    return cmd_start(args)
 
 
 def cmd_check(args) -> int:

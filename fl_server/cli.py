@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from shared.flower_env import apply_flower_env
+from shared.processes import sigterm_as_interrupt
 
 
 CONSORTIUM_HELP = "the consortium YAML (e.g. sites/demo/consortium.yaml)"
@@ -101,27 +102,36 @@ def main(argv=None) -> int:
     from shared.config import ConfigError
 
     try:
-        if args.command in ("report", "status"):
-            if not (args.run_dir / "metrics.jsonl").exists():
-                print(f"fl-server: {args.run_dir}: not a run directory (no metrics.jsonl)", file=sys.stderr)
-                return 2
-            from fl_server.report import build_report, status_table
-
-            if args.command == "report":
-                print(build_report(args.run_dir))
-            else:
-                print(status_table(args.run_dir))
-            return 0
-        if args.command == "export":
-            from fl_server.export import cmd_export
-
-            return cmd_export(args)
-        from fl_server import operator
-
-        return getattr(operator, f"cmd_{args.command.replace('-', '_')}")(args)
+        with sigterm_as_interrupt():  # from the first line: a signal before a command's own
+            return _dispatch(args)  # handler is set stops it with one line too, not a traceback
+    except KeyboardInterrupt:
+        print(f"fl-server: {args.command} stopped", file=sys.stderr, flush=True)
+        return 130
     except ConfigError as exc:
         print(f"fl-server: {exc}", file=sys.stderr)
         return 2
+
+
+def _dispatch(args) -> int:
+    """The command's function; main() turns config errors and signals into one line."""
+    if args.command in ("report", "status"):
+        if not (args.run_dir / "metrics.jsonl").exists():
+            print(f"fl-server: {args.run_dir}: not a run directory (no metrics.jsonl)", file=sys.stderr)
+            return 2
+        from fl_server.report import build_report, status_table
+
+        if args.command == "report":
+            print(build_report(args.run_dir))
+        else:
+            print(status_table(args.run_dir))
+        return 0
+    if args.command == "export":
+        from fl_server.export import cmd_export
+
+        return cmd_export(args)
+    from fl_server import operator
+
+    return getattr(operator, f"cmd_{args.command.replace('-', '_')}")(args)
 
 
 if __name__ == "__main__":

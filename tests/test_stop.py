@@ -366,3 +366,24 @@ def test_sigint_stops_a_command_started_with_sigint_ignored(tmp_path):
         if proc.poll() is None:
             proc.kill()
 
+
+
+def test_one_signal_stops_fl_client_local_in_training_with_one_line(tmp_path):
+    """A signal outside `start`'s own handler (here: in the middle of local training) is one
+    line and exit 130, not a traceback."""
+    from test_bad_input import _consortium, _site
+
+    site = _site(tmp_path)
+    long_run = _consortium(tmp_path, [site]).read_text().replace("steps: 1}", "steps: 100000}")
+    (tmp_path / "consortium.yaml").write_text(long_run)
+    env = dict(_env(tmp_path), TQDM_DISABLE="1")
+    local = _start(tmp_path, env, "local", Path(sys.executable).parent / "fl-client", "local", "--site", site,
+                   "--consortium", tmp_path / "consortium.yaml", "--rounds", "1")
+    try:  # the split sizes are printed once the data is loaded: training starts next
+        _wait_for(local, "the data loaded", lambda: "images" in _text(tmp_path / "local.out"), tmp_path, name="local")
+        line = _stopped(local, signal.SIGINT, tmp_path, "local", 130, *_signal(local, signal.SIGINT, to_group=True))
+        assert line == "fl-client: local stopped"
+        assert _text(tmp_path / "local.err").strip() == line
+    finally:
+        if local.poll() is None:
+            _kill_session(local)
