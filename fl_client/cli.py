@@ -141,19 +141,22 @@ def cmd_check(args) -> int:
 def cmd_local(args) -> int:
     from tqdm import tqdm
 
-    from shared.config import (ModelConfig, PreferenceConfig, SupervisedConfig, load_consortium, load_site,
-                               require_usable_site)
+    from shared.config import (ModelConfig, PreferenceConfig, QualityJudgeConfig, SupervisedConfig, load_consortium,
+                               load_site, require_usable_site)
     from shared.data import load_site_data
     from shared.checkpoints import fresh_model, matching_state
-    from shared.site import evaluate_round, load_model, train_round
+    from shared.judge_training import initial_judge_state
+    from shared.site import evaluate_round, load_model, train_judge_round, train_round
 
     site = load_site(args.site)
     require_usable_site(site)  # before the data loads, not a traceback after it
     if args.consortium:
         cfg = load_consortium(args.consortium)
         model_cfg, supervised, preference = cfg.model, cfg.supervised, cfg.preference
+        quality = cfg.quality_judge or QualityJudgeConfig()
     else:
         model_cfg, supervised, preference = ModelConfig(in_channels=site.channels), SupervisedConfig(), PreferenceConfig()
+        quality = QualityJudgeConfig()
     warmup = args.supervised_rounds if args.supervised_rounds is not None else supervised.rounds
     if args.checkpoint:  # our checkpoint, a state dict or a MONAI bundle, checked against the network,
         # before the data loads
@@ -173,10 +176,16 @@ def cmd_local(args) -> int:
     # proposals and of the judge's pick (what a round can gain, and how much the judge captures)
     print(f"{'round':>5} {'phase':11s} {'test dice':>9} {'hd95':>7} {'pairs':>6} {'pair_acc':>8} {'spearman':>8} "
           f"{'gain':>7} {'identity':>8} {'best_k':>7} {'pick':>7}")
+    judge_state = None  # judge.kind federated: the consortium's judge, here trained by this site alone
     for r in range(1, warmup + args.rounds + 1):
         phase = "supervised" if r <= warmup else "preference"
+        if phase == "preference" and site.judge.kind == "federated" and judge_state is None:
+            judge_state = initial_judge_state(site.channels, quality.seed)
+            for judge_round in range(1, quality.rounds + 1):
+                judge_state, _ = train_judge_round(site, model_cfg, supervised, preference, quality, judge_state,
+                                                   seed=1000 * r + judge_round, splits=splits, progress=progress)
         state, result = train_round(site, model_cfg, phase, state, supervised, preference, seed=r,
-                                    splits=splits, progress=progress)
+                                    splits=splits, progress=progress, judge_state=judge_state)
         scores = evaluate_round(site, model_cfg, state, splits)
         m = result.metrics
         rel = "" if phase == "supervised" else (

@@ -24,9 +24,9 @@ from flwr.clientapp import ClientApp
 from fl_client.reply_policy import SiteFailure, category_of, failing_as, reply_policy_mod
 from fl_client.site_context import overlay_dir, resolve_site
 from fl_client.supernode import packed_arrays_mod, sent_log_mod
-from shared.config import MiningConfig, ModelConfig, PreferenceConfig, SupervisedConfig, from_dict
+from shared.config import MiningConfig, ModelConfig, PreferenceConfig, QualityJudgeConfig, SupervisedConfig, from_dict
 from shared.data import load_site_data
-from shared.site import evaluate_round, save_overlays, train_round
+from shared.site import evaluate_round, save_overlays, train_judge_round, train_round
 
 # sent_log_mod outermost: it only records, and must record the reply the policy let out
 app = ClientApp(mods=[sent_log_mod, reply_policy_mod, packed_arrays_mod])
@@ -62,6 +62,8 @@ def train(msg: Message, site, context: Context) -> Message:
         settings = [_settings(config, key, cls) for key, cls in
                     (("model", ModelConfig), ("supervised", SupervisedConfig), ("preference", PreferenceConfig))]
         calibration = _calibration(config)
+    if phase == "judge":
+        return _train_judge(msg, site, settings, config)
     with failing_as("data"):
         splits = load_site_data(site)
     small = [f"{name} {count}" for name, count in trained_on(phase, settings[2], splits).items() if count < site.min_images]
@@ -72,8 +74,7 @@ def train(msg: Message, site, context: Context) -> Message:
         weights, result = train_round(
             site, settings[0], phase, msg.content["arrays"].to_torch_state_dict(), settings[1], settings[2],
             seed=int(config["seed"]), splits=splits,
-            reference_state=msg.content["reference"].to_torch_state_dict() if "reference" in msg.content.array_records else None,
-            **calibration,
+            reference_state=_arrays(msg, "reference"), judge_state=_arrays(msg, "judge"), **calibration,
         )
     overlays = overlay_dir(context)  # simulation only, inside fl-sim's run dir; None in deployment
     if overlays is not None and result.pairs is not None:
@@ -81,6 +82,30 @@ def train(msg: Message, site, context: Context) -> Message:
     metrics = {k: float(v) for k, v in result.metrics.items()}
     metrics["num-examples"] = float(result.num_examples)
     return _reply(msg, site.name, metrics, ArrayRecord(weights))
+
+
+def _train_judge(msg: Message, site, settings, config: ConfigRecord) -> Message:
+    """A round of the consortium's quality judge (shared.judge_training): its weights in and
+    out, trained on the labelled split only."""
+    with failing_as("config"):
+        quality = _settings(config, "quality_judge", QualityJudgeConfig)
+    with failing_as("data"):
+        splits = load_site_data(site, splits=("labeled",))
+    if len(splits["labeled"]) < site.min_images:
+        raise SiteFailure("too-few-images", f"judge round trains on labeled {len(splits['labeled'])} images; "
+                                            f"min_images is {site.min_images}")
+    with failing_as("training"):
+        weights, result = train_judge_round(site, settings[0], settings[1], settings[2], quality,
+                                            msg.content["arrays"].to_torch_state_dict(), seed=int(config["seed"]),
+                                            splits=splits)
+    metrics = {k: float(v) for k, v in result.metrics.items()}
+    metrics["num-examples"] = float(result.num_examples)
+    return _reply(msg, site.name, metrics, ArrayRecord(weights))
+
+
+def _arrays(msg: Message, name: str):
+    """The state dict the server sent as ArrayRecord `name`, or None."""
+    return msg.content[name].to_torch_state_dict() if name in msg.content.array_records else None
 
 
 def trained_on(phase: str, preference: PreferenceConfig, splits) -> dict[str, int]:

@@ -54,6 +54,9 @@ _CALIB = ("calib_dice", "calib_images")
 # a preference round's outcome check: calibration Dice of the received model and of the update
 _OUTCOME = ("outcome_dice_before", "outcome_dice_after", "outcome_gain", "outcome_images")
 
+# a judge round's (shared.judge_training): the consortium judge's mean loss on the labelled split
+_JUDGE = ("judge_loss", "judge_steps")
+
 # split -> (the metric holding its image count, the metrics computed from it)
 GROUPS = {
     "test": ("n_images", _TEST),
@@ -66,7 +69,7 @@ GROUPS = {
 
 ALLOWED_METRICS = frozenset(
     ("num-examples", "skipped_files", "gated", "pairs_used", "channels", "compute_s", "rss_mb")
-    + _STEPS + _TEST + _CALIB + _OUTCOME
+    + _STEPS + _TEST + _CALIB + _OUTCOME + _JUDGE
     + GROUPS["calibration"][1] + GROUPS["unlabeled"][1]
     + tuple(f"too_few_{split}" for split in GROUPS)
 )

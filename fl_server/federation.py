@@ -24,7 +24,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from shared.aggregation import Contribution, combine, norm_outliers, site_weights, update_norm, update_problem
+from shared.aggregation import (Contribution, combine, norm_outliers, site_weights, update_norm, update_problem,
+                                weighted_average)
 from shared.config import AggregationConfig, ConsortiumConfig, PreferenceConfig, to_dict
 from shared.ledger import EXCLUDED, Ledger
 from shared.model import load_state
@@ -69,6 +70,7 @@ class ConsortiumStrategy:
             "supervised": json.dumps(to_dict(self.cfg.supervised)),
             "preference": json.dumps(to_dict(preference)),
             "calibration": json.dumps(calibration_settings(self.cfg.aggregation, self.cfg.preference)),
+            **({"quality_judge": json.dumps(to_dict(self.cfg.quality_judge))} if self.cfg.quality_judge else {}),
             **self.extra_config,
         })
 
@@ -89,9 +91,11 @@ class ConsortiumStrategy:
             else:
                 self.node_sites[reply.metadata.src_node_id] = str(reply.content["site"]["name"])
 
-    def configure_train(self, server_round, arrays, config, grid, reference: ArrayRecord | None = None) -> Iterable[Message]:
-        """One message per node; each site gets the settings its ledger state calls for, and the
-        fixed DPO reference when one is given (`preference.reference: base`)."""
+    def configure_train(self, server_round, arrays, config, grid, reference: ArrayRecord | None = None,
+                        judge: ArrayRecord | None = None) -> Iterable[Message]:
+        """One message per node; each site gets the settings its ledger state calls for, the
+        fixed DPO reference when one is given (`preference.reference: base`), and the consortium's
+        quality judge when there is one (scored with at sites whose judge.kind is federated)."""
         phase = str(config["phase"])
         messages = []
         nodes = _wait_for_nodes(grid, self.min_available_nodes, self.cfg.federation.round_timeout)
@@ -102,6 +106,8 @@ class ConsortiumStrategy:
             record = RecordDict({"arrays": arrays, "config": self.round_config(server_round, phase, preference)})
             if reference is not None:
                 record["reference"] = reference
+            if judge is not None:
+                record["judge"] = judge
             messages.append(Message(content=record, message_type=MessageType.TRAIN, dst_node_id=node_id))
         return messages
 
@@ -154,6 +160,63 @@ class ConsortiumStrategy:
                 self.ledger.record_reliability(site, server_round, figures, self.cfg.aggregation)
         return outcomes
 
+    def train_judge(self, grid: Grid, server_round: int, judge_state: dict,
+                    on_line: Callable[[dict], None]) -> dict:
+        """`quality_judge.rounds` rounds of the consortium's quality judge before preference round
+        `server_round` (every site trains it on its labelled split, shared.judge_training); the
+        updates are averaged by labelled images. A failed, malformed or revoked site's update is
+        left out; with none usable the judge stays as it was. Each round's figures go to `on_line`."""
+        quality = self.cfg.quality_judge
+        for judge_round in range(1, quality.rounds + 1):
+            config = self.round_config(server_round, "judge", self.cfg.preference)
+            config["seed"] = self.cfg.seed * 100_003 + server_round * 101 + judge_round  # new draws each round
+            nodes = _wait_for_nodes(grid, self.min_available_nodes, self.cfg.federation.round_timeout)
+            self.identify(grid, nodes)
+            arrays = ArrayRecord(judge_state)
+            sent = [Message(RecordDict({"arrays": arrays, "config": config}), message_type=MessageType.TRAIN,
+                            dst_node_id=node) for node in nodes]
+            replies = grid.send_and_receive(sent, timeout=self.cfg.federation.round_timeout)
+            outcomes = self.collect_judge(sent, replies, judge_state)
+            usable = sorted(site for site, o in outcomes.items() if o.status == "ok")
+            if usable:
+                judge_state = weighted_average([outcomes[s].state for s in usable],
+                                               [outcomes[s].train.get("num-examples", 0.0) for s in usable])
+            else:
+                log.warning("round %d, judge round %d: no site trained the quality judge: it is unchanged",
+                            server_round, judge_round)
+            on_line(judge_metric_line(server_round, judge_round, outcomes))
+        return judge_state
+
+    def collect_judge(self, sent: list[Message], replies: Iterable[Message], judge_state: dict) -> dict[str, SiteOutcome]:
+        """A judge round's replies as outcomes: ok (with the update), failed, rejected or revoked."""
+        outcomes: dict[str, SiteOutcome] = {}
+        answered = set()
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            answered.add(node)
+            if reply.has_error():
+                site, reason = _failure(reply.error.reason)
+                site = site or self.node_sites.get(node, f"node-{node}")
+                outcomes[site] = SiteOutcome(site, "failed", reason)
+                continue
+            site = str(reply.content["site"]["name"])
+            self.node_sites[node] = site
+            train = {k: float(v) for k, v in reply.content["metrics"].items()}
+            state = reply.content["arrays"].to_torch_state_dict()
+            problem = update_problem(state, judge_state)
+            outcomes[site] = SiteOutcome(site, "rejected", problem, train) if problem else \
+                SiteOutcome(site, "ok", train=train, state=state)
+        for message in sent:
+            if message.metadata.dst_node_id not in answered:
+                site = self.node_sites.get(message.metadata.dst_node_id, f"node-{message.metadata.dst_node_id}")
+                outcomes[site] = SiteOutcome(site, "failed", f"no reply within {self.cfg.federation.round_timeout:g} s")
+        for site in read_revoked(self.revoked_file) & set(outcomes):
+            outcomes[site] = SiteOutcome(site, "revoked", "key revoked by the operator (fl-server revoke)")
+        for site, outcome in outcomes.items():
+            if outcome.status != "ok":
+                log.warning("quality judge: %s %s: %s", site, outcome.status, outcome.reason)
+        return outcomes
+
     def _mark_revoked(self, server_round: int, outcomes: dict[str, SiteOutcome]) -> None:
         """Status ``revoked`` (no update, weight 0) for every revoked site this run knows: one
         that replied (its update is discarded), and one gone since its revocation."""
@@ -202,6 +265,28 @@ class ConsortiumStrategy:
         return state, True
 
 
+def judge_metric_line(server_round: int, judge_round: int, outcomes: dict[str, SiteOutcome]) -> dict:
+    """metrics.jsonl's line for one judge round: each site's status, loss and labelled images."""
+    sites = {site: {"status": o.status, **({"reason": o.reason} if o.reason else {}),
+                    **{k: o.train[k] for k in ("judge_loss", "num-examples") if k in o.train}}
+             for site, o in sorted(outcomes.items())}
+    return {"kind": "judge", "round": server_round, "judge_round": judge_round, "sites": sites,
+            "mean_loss": _mean([o.train.get("judge_loss") for o in outcomes.values() if o.status == "ok"])}
+
+
+def judge_due(cfg: ConsortiumConfig, server_round: int, trained: bool) -> bool:
+    """Whether the consortium's quality judge is (re)trained before round `server_round`: before
+    the first preference round it meets untrained (also after a resume), then every
+    `refresh_every` preference rounds."""
+    quality = cfg.quality_judge
+    preference_round = server_round - cfg.supervised.rounds
+    if quality is None or preference_round < 1:
+        return False
+    if not trained:
+        return True
+    return quality.refresh_every > 0 and preference_round > 1 and (preference_round - 1) % quality.refresh_every == 0
+
+
 def calibration_settings(agg: AggregationConfig, preference: PreferenceConfig) -> dict:
     """What a site measures its judge with, whatever its ledger state: the informative gap and, under
     the wilson statistic, the consortium's base mining (probation changes what a site trains on,
@@ -238,11 +323,15 @@ def run_federation(
     site configs to record in config.yaml (a simulation knows them; a deployed server does not)."""
     from shared.checkpoints import initial_model
 
+    from shared.judge_training import initial_judge_state
+
     run = RunDir(run_dir)
     cfg_hash = config_hash(cfg)
+    judge_state = None  # the consortium's quality judge, once trained (cfg.quality_judge)
     if resume and run.latest_checkpoint() is not None:
         done, state, ledger = run.resume(cfg_hash)
         selection, state = run.resume_selection(done, state)
+        judge_state = run.judge_state(done)
         log.info("resuming %s after round %d", run_dir, done)
     else:
         run.start(cfg, sites)
@@ -261,7 +350,15 @@ def run_federation(
         arrays = ArrayRecord(state)
         if phase == "preference" and cfg.preference.reference == "base" and reference is None:
             reference = ArrayRecord(_preference_base(run, cfg, state, server_round))
-        sent = list(strategy.configure_train(server_round, arrays, ConfigRecord({"phase": phase}), grid, reference))
+        judge_lines: list[dict] = []
+        if judge_due(cfg, server_round, trained=judge_state is not None):
+            start = judge_state if judge_state is not None else initial_judge_state(cfg.model.in_channels,
+                                                                                    cfg.quality_judge.seed)
+            judge_state = strategy.train_judge(grid, server_round, start,
+                                               lambda line: (run.append(line), judge_lines.append(line)))
+        judge = ArrayRecord(judge_state) if phase == "preference" and judge_state is not None else None
+        sent = list(strategy.configure_train(server_round, arrays, ConfigRecord({"phase": phase}), grid, reference,
+                                             judge))
         replies = grid.send_and_receive(sent, timeout=cfg.federation.round_timeout)
         outcomes = strategy.collect(server_round, phase, sent, replies, state)
         state, aggregated = strategy.aggregate(phase, outcomes, state)
@@ -272,9 +369,12 @@ def run_federation(
         selection = select(selection, server_round, phase, calib_dice, cfg.selection, calib_reports)
         lines = _metric_lines(server_round, phase, outcomes, strategy.ledger, aggregated, time.time() - started)
         lines[-1].update(calib_dice=calib_dice, calib_images=calib_images, **_selection_fields(selection))
+        if judge_lines:  # the round table's title says the judge was (re)trained
+            lines[-1]["quality_judge"] = {"rounds": len(judge_lines), "loss": judge_lines[-1]["mean_loss"],
+                                          "sites": sum(s["status"] == "ok" for s in judge_lines[-1]["sites"].values())}
         for line in lines:
             run.append(line)
-        run.save_round(server_round, state, strategy.ledger, cfg_hash, selection, calib_dice)
+        run.save_round(server_round, state, strategy.ledger, cfg_hash, selection, calib_dice, judge_state)
         if selection.rolled_back:
             log.warning("round %d: consortium calibration Dice %.3f fell more than %g below round %d's %.3f: "
                         "rolled back, the next round starts from round %d", server_round, calib_dice,

@@ -151,10 +151,10 @@ def _parse_metrics_line(text: str, path: Path, number: int) -> dict | None:
 
 
 def _dedup(records: Iterable[dict]) -> list[dict]:
-    """Keep the last occurrence of each (kind, round, site), then sort stably by round."""
+    """Keep the last occurrence of each (kind, round, site, judge round), then sort stably by round."""
     latest: dict[tuple, dict] = {}
     for record in records:
-        key = (record.get("kind"), record.get("round"), record.get("site"))
+        key = (record.get("kind"), record.get("round"), record.get("site"), record.get("judge_round"))
         latest.pop(key, None)  # re-insert so that order follows the last occurrence
         latest[key] = record
     return sorted(latest.values(), key=lambda r: _as_int(r.get("round")))
@@ -374,6 +374,10 @@ def _round_title(round_number: int | None, glob: dict | None) -> str:
     selection = selection_text(glob)
     if selection:
         parts.append(selection)
+    judge = glob.get("quality_judge")
+    if isinstance(judge, dict):  # the consortium's quality judge was (re)trained before this round
+        parts.append(f"quality judge trained ({_fmt(judge.get('rounds'))} rounds, {_fmt(judge.get('sites'))} sites, "
+                     f"loss {_fmt(_number(judge.get('loss')))})")
     return ", ".join(parts)
 
 

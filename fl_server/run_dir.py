@@ -70,10 +70,18 @@ def _holder(lock: Path) -> str:
     return "unknown"
 
 
+# top-level settings added after runs were made with this code: left out of the fingerprint while
+# at their default, so that a run made before a setting existed still resumes
+ADDED_LATER = {"quality_judge": None}
+
+
 def config_hash(cfg: ConsortiumConfig) -> str:
     """A fingerprint of everything that decides a run's result (the run dir itself excluded)."""
     settings = to_dict(cfg)
     settings.pop("run_dir", None)
+    for key, default in ADDED_LATER.items():
+        if settings.get(key) == default:
+            settings.pop(key, None)
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -105,8 +113,10 @@ class RunDir:
             f.write(json.dumps(line) + "\n")
 
     def save_round(self, round_number: int, state: dict, ledger: Ledger, cfg_hash: str,
-                   selection: Selection | None = None, calib_dice: float | None = None) -> None:
-        """Checkpoint the global model, ledger and model selection after a completed round; the
+                   selection: Selection | None = None, calib_dice: float | None = None,
+                   judge_state: dict | None = None) -> None:
+        """Checkpoint the global model, ledger, model selection and the consortium's quality judge
+        (None: none trained yet) after a completed round; the
         round's checkpoint first, then best.pt when the round is the new best (so a stop between
         the two leaves best.pt one best behind, which `resume_selection` repairs)."""
         selection = selection or Selection()
@@ -114,7 +124,8 @@ class RunDir:
             ledger.rounds_completed = round_number
             ledger.save(self.ledger)
             payload = {"round": round_number, "state_dict": state, "ledger": ledger.to_dict(),
-                       "config_hash": cfg_hash, "selection": selection.to_dict(), "calib_dice": calib_dice}
+                       "config_hash": cfg_hash, "selection": selection.to_dict(), "calib_dice": calib_dice,
+                       "judge_state": judge_state}
             _atomic_save(payload, self.checkpoint(round_number))
             if selection.best_round == round_number:
                 _atomic_save(payload, self.best)
@@ -144,6 +155,11 @@ class RunDir:
         """The weights the round after `round_number` started from (its best round's after a rollback)."""
         payload = torch.load(self.checkpoint(round_number), map_location="cpu", weights_only=True)
         return self.resume_selection(round_number, payload["state_dict"])[1]
+
+    def judge_state(self, round_number: int) -> dict | None:
+        """The consortium's quality judge as round `round_number` left it (None: not trained yet)."""
+        payload = torch.load(self.checkpoint(round_number), map_location="cpu", weights_only=True)
+        return payload.get("judge_state")
 
     def checkpoint(self, round_number: int) -> Path:
         return self.checkpoints / f"round_{round_number:03d}.pt"

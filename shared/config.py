@@ -5,7 +5,7 @@ writes one *consortium* YAML (which sites, which phases, the method and its sett
 loaded strictly: an unknown key, a wrong type or a value outside its allowed set is an error
 that names the file and the key path, e.g.
 
-    sites/a.yaml: judge.kind: 'agrement' is not one of agreement, uncertainty, learned, oracle
+    sites/a.yaml: judge.kind: 'agrement' is not one of agreement, uncertainty, learned, federated, oracle
 
 Relative paths resolve against the folder of the YAML that holds them, and `${VAR}` in a path
 is taken from the environment (the polyp sites read their data root that way). `to_yaml`
@@ -30,7 +30,7 @@ import yaml
 
 from shared.networks import MODEL_NAMES, config_problem  # no torch import: MONAI loads only when needed
 
-JUDGE_KINDS = ("agreement", "uncertainty", "learned", "oracle")
+JUDGE_KINDS = ("agreement", "uncertainty", "learned", "federated", "oracle")
 DEVICES = ("auto", "cpu", "cuda")
 METHODS = ("rn_dpo", "dpo", "pseudo_label", "entropy", "none")
 MINING_STRATEGIES = ("top_bottom", "top_random", "gap", "skip_top", "top_identity")
@@ -126,7 +126,8 @@ class JudgeConfig:
     flip_prob: float = field(default=0.0, metadata=_probability)
     invert: bool = False
     seed: int = 0
-    # learned judge only: optimizer steps when it is (re)trained on the labelled split
+    # learned judge only (the site's own; `federated` is the consortium's, see QualityJudgeConfig):
+    # optimizer steps when it is (re)trained on the labelled split
     train_steps: int = field(default=300, metadata=_positive)
     folds: int = field(default=3, metadata=_check(lambda v: v >= 2, "must be >= 2"))
 
@@ -304,6 +305,27 @@ class SelectionConfig:
 
 
 @dataclass(frozen=True)
+class QualityJudgeConfig:
+    """The consortium's quality judge, scored with at sites whose `judge.kind` is `federated`:
+    the learned mask-quality network (image + mask -> predicted Dice) trained at EVERY site on
+    its labelled split (out-of-fold proposals plus corrupted true masks, shared.judge_training)
+    and averaged by the server, weighted by labelled images. Trained in `rounds` judge rounds
+    before the first preference round, and again every `refresh_every` preference rounds
+    (0: once). Only its weights and aggregate losses travel."""
+
+    rounds: int = field(default=3, metadata=_positive)
+    steps: int = field(default=100, metadata=_positive)  # local Adam steps per judge round
+    lr: float = field(default=1e-3, metadata=_positive)
+    batch_size: int = field(default=32, metadata=_positive)
+    # k segmenters per site, each trained from scratch on k-1 folds of its labelled split for
+    # `fold_steps` steps, propose masks for the fold it never saw; cached in the site's work_dir
+    folds: int = field(default=3, metadata=_check(lambda v: v >= 2, "must be >= 2"))
+    fold_steps: int = field(default=200, metadata=_positive)
+    refresh_every: int = field(default=0, metadata=_non_negative)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """Deployment only: where the SuperLink listens, what its certificate names, which sites
     get keys (default: the names of the site YAMLs listed under `sites`)."""
@@ -327,6 +349,8 @@ class ConsortiumConfig:
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
+    # the consortium's quality judge (None: none is trained; a site with judge.kind federated fails)
+    quality_judge: QualityJudgeConfig | None = None
     server: ServerConfig = field(default_factory=ServerConfig)
     source_file: Path | None = field(default=None, metadata={"internal": True})
 
@@ -369,6 +393,11 @@ def load_consortium_sites(cfg: ConsortiumConfig) -> list[SiteConfig]:
                 f"{seen[site.name]} and {site.source_file}"
             )
         seen[site.name] = site.source_file
+        if site.judge.kind == "federated" and cfg.quality_judge is None:
+            raise ConfigError(
+                f"{site.source_file}: judge.kind: 'federated' scores with the consortium's quality judge, but "
+                f"{cfg.source_file} has no quality_judge: section (add one, e.g. quality_judge: {{}} for the defaults)"
+            )
     return sites
 
 

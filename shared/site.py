@@ -16,9 +16,11 @@ from pathlib import Path
 
 import torch
 
-from shared.config import AggregationConfig, MiningConfig, ModelConfig, PreferenceConfig, SiteConfig, SupervisedConfig
+from shared.config import (AggregationConfig, MiningConfig, ModelConfig, PreferenceConfig, QualityJudgeConfig, SiteConfig,
+                           SupervisedConfig, to_dict)
 from shared.data import SplitData, load_site_data
 from shared.evaluation import evaluate
+from shared.judge_training import consortium_judge, judge_round
 from shared.judges import build_judge
 from shared.model import build_model, resolve_device, seed_everything
 from shared.training import RoundResult, prepare_learned_judge, preference_round, supervised_round
@@ -47,8 +49,14 @@ def load_model(model_cfg: ModelConfig, state: Mapping[str, torch.Tensor] | None 
 
 def site_judge(site: SiteConfig, splits: dict[str, SplitData], model_cfg: ModelConfig,
                supervised: SupervisedConfig, preference: PreferenceConfig, device, seed: int = 0,
-               progress=None):
-    """The site's judge; the learned one is trained on first use and kept in work_dir."""
+               progress=None, judge_state: Mapping[str, torch.Tensor] | None = None):
+    """The site's judge; the learned one is trained on first use and kept in work_dir, the
+    federated one is the consortium's `judge_state` as the server sent it this round."""
+    if site.judge.kind == "federated":
+        if judge_state is None:
+            raise ValueError(f"{site.source_file}: judge.kind: 'federated' scores with the consortium's quality "
+                             "judge, but the server sent none (the consortium YAML has no quality_judge: section)")
+        return consortium_judge(judge_state, site.channels, site.image_size).to(device)
     if site.judge.kind == "learned":
         return prepare_learned_judge(
             site.judge, site.work_dir, splits["labeled"],
@@ -72,12 +80,14 @@ def train_round(
     reference_state: Mapping[str, torch.Tensor] | None = None,
     calibration_mining: MiningConfig | None = None,
     informative_gap: float = AggregationConfig.informative_gap,
+    judge_state: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], RoundResult]:
     """One local round from the received global weights; returns new weights and numbers.
 
     `reference_state`: the fixed DPO reference the server sends under `preference.reference: base`
     (None: the received weights are the reference). `calibration_mining`, `informative_gap`: how
-    the judge is measured on calibration (shared.training.preference_round). A preference round
+    the judge is measured on calibration (shared.training.preference_round); `judge_state`: the
+    consortium's quality judge, for a site whose judge.kind is federated. A preference round
     also reports its outcome on calibration (`outcome_figures`): the server's ledger judges the
     judge by what its update did, not only by how it ranks masks."""
     if phase not in ("supervised", "preference"):
@@ -90,7 +100,7 @@ def train_round(
     if phase == "supervised":
         result = supervised_round(model, splits["labeled"], supervised, device, seed, progress)
     else:
-        judge = site_judge(site, splits, model_cfg, supervised, preference, device, seed, progress)
+        judge = site_judge(site, splits, model_cfg, supervised, preference, device, seed, progress, judge_state)
         calibration = splits["calibration"]
         before = evaluate(model, calibration, device, hd95=False) if calibration.masks is not None else None
         result = preference_round(
@@ -104,6 +114,22 @@ def train_round(
     result.metrics["skipped_files"] = float(sum(len(s.skipped) for s in splits.values()))
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return weights, result
+
+
+def train_judge_round(site: SiteConfig, model_cfg: ModelConfig, supervised: SupervisedConfig,
+                      preference: PreferenceConfig, quality: QualityJudgeConfig, judge_state: Mapping[str, torch.Tensor],
+                      seed: int, splits: dict[str, SplitData] | None = None, progress: Callable | None = None,
+                      ) -> tuple[dict[str, torch.Tensor], RoundResult]:
+    """One round of the consortium's quality judge on this site's labelled split
+    (shared.judge_training): the new judge weights, and the labelled image count they are
+    weighed by."""
+    _check_channels(site, model_cfg)
+    seed_everything(seed)
+    splits = splits or load_site_data(site, splits=("labeled",))
+    weights, metrics = judge_round(judge_state, splits["labeled"], lambda: model_from_config(model_cfg),
+                                   to_dict(model_cfg), quality, supervised, preference.proposals, site.work_dir,
+                                   resolve_device(site.device), seed, progress)
+    return weights, RoundResult(num_examples=len(splits["labeled"].names), metrics=metrics)
 
 
 def outcome_figures(before: dict, after: dict) -> dict:

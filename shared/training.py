@@ -23,7 +23,7 @@ from shared.losses import dpo_loss, entropy_loss, preference_stats, rn_dpo_loss,
 from shared.judges.oracle import bind_to
 from shared.mining import MinedPairs, mine_split
 from shared.model import autocast, grad_scaler
-from shared.proposals import generate_proposals, plain_inference, proposal_labels
+from shared.proposals import plain_inference
 
 log = logging.getLogger(__name__)
 
@@ -292,17 +292,13 @@ def prepare_learned_judge(judge_cfg: JudgeConfig, work_dir, labeled: SplitData, 
     k segmenters, each trained on k-1 folds of the labelled split, propose masks for the fold
     they never saw (DESIGN.md: in-sample proposals are near perfect and teach the judge nothing).
     """
-    from shared.judges.learned import JUDGE_FILE, LearnedJudge, out_of_fold_indices
+    from shared.judge_training import out_of_fold_proposals
+    from shared.judges.learned import JUDGE_FILE, LearnedJudge
 
     if (Path(work_dir) / JUDGE_FILE).exists():  # trained in an earlier round
         return LearnedJudge.load(work_dir, in_channels=labeled.images.shape[1], image_size=labeled.images.shape[-1])
     _require_masks(labeled, "labeled")
-    n = len(labeled.names)
-    oof = torch.zeros((n, len(proposal_labels(proposals_cfg)), *labeled.masks.shape[-2:]), dtype=torch.uint8)
-    for fold, (train_idx, held_idx) in enumerate(out_of_fold_indices(n, judge_cfg.folds, seed)):
-        fold_model = model_factory()
-        supervised_round(fold_model, subset(labeled, train_idx), supervised, device, seed=seed + fold, progress=progress)
-        oof[held_idx] = generate_proposals(fold_model, labeled.images[held_idx], proposals_cfg, device, seed=seed).masks
+    oof = out_of_fold_proposals(labeled, model_factory, supervised, proposals_cfg, judge_cfg.folds, device, seed, progress)
     judge = LearnedJudge(in_channels=labeled.images.shape[1], image_size=labeled.images.shape[-1], seed=judge_cfg.seed)
     stats = judge.fit(labeled.images, labeled.masks, oof, steps=judge_cfg.train_steps, device=device)
     judge.save(work_dir)

@@ -104,7 +104,7 @@ def test_malformed_yaml_exits_2_with_one_line_naming_file_and_key(tmp_path):
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr.splitlines() == [
-        f"fl-client: {site}: judge.kind: 'agrement' is not one of agreement, uncertainty, learned, oracle"
+        f"fl-client: {site}: judge.kind: 'agrement' is not one of agreement, uncertainty, learned, federated, oracle"
     ]
 
 

@@ -88,7 +88,7 @@ MALFORMED = {
     "scalar for mapping": ("a.yaml", SITE + "judge: oracle\n", "a.yaml: judge: expected a mapping, got str 'oracle'"),
     "not in choices (README)": (
         "a.yaml", SITE + "judge: {kind: agrement}\n",
-        "a.yaml: judge.kind: 'agrement' is not one of agreement, uncertainty, learned, oracle",
+        "a.yaml: judge.kind: 'agrement' is not one of agreement, uncertainty, learned, federated, oracle",
     ),
     "device not in choices": ("a.yaml", SITE + "device: gpu\n", "a.yaml: device: 'gpu' is not one of auto, cpu, cuda"),
     "channels 2": ("a.yaml", SITE + "channels: 2\n", "a.yaml: channels: 2 must be 1 or 3"),

@@ -287,5 +287,5 @@ def test_build_judge(tmp_path):
     assert isinstance(build_judge(JudgeConfig(kind="uncertainty"), tmp_path), UncertaintyJudge)
     oracle = build_judge(JudgeConfig(kind="oracle", noise_std=0.2, flip_prob=0.1, invert=True, seed=5), tmp_path)
     assert (oracle.noise_std, oracle.flip_prob, oracle.invert, oracle.seed) == (0.2, 0.1, True, 5)
-    with pytest.raises(ValueError, match="not one of agreement, uncertainty, learned, oracle"):
+    with pytest.raises(ValueError, match="not one of agreement, uncertainty, learned, federated, oracle"):
         build_judge(JudgeConfig(kind="psychic"), tmp_path)

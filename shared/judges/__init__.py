@@ -35,4 +35,7 @@ def build_judge(cfg: JudgeConfig, work_dir: Path | str, site: str | None = None)
         from shared.judges.learned import LearnedJudge
 
         return LearnedJudge.load(Path(work_dir))
+    if cfg.kind == "federated":
+        raise ValueError("judge.kind 'federated' is the consortium's judge: it comes with each round from the "
+                         "server (shared.judge_training.consortium_judge), not from the site's work_dir")
     raise ValueError(f"judge.kind {cfg.kind!r} is not one of {', '.join(JUDGE_KINDS)}")

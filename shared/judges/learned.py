@@ -113,6 +113,7 @@ class LearnedJudge:
         device: torch.device | str = "cpu",
         holdout: float = 0.2,
         oof_fraction: float = 0.5,
+        draw_seed: int | None = None,
     ) -> dict:
         """Train on the labelled split; return training statistics (also kept in ``self.stats``).
 
@@ -126,6 +127,9 @@ class LearnedJudge:
                 masks never train it); 0 trains on all and reports no held-out figures.
             oof_fraction: share of training examples drawn from ``oof_masks`` (when given);
                 the rest are freshly perturbed ground truth.
+            draw_seed: seeds the training draws (default: the judge's seed); the held-out
+                images stay those of the judge's seed. A judge trained again round after
+                round (the consortium's) draws new examples each time.
 
         Returns:
             ``steps``, ``train_images``, ``holdout_images``, ``oof_per_image`` (K),
@@ -151,6 +155,8 @@ class LearnedJudge:
         order = torch.randperm(n, generator=generator)
         n_hold = min(max(int(round(holdout * n)), 1), n - 1) if holdout > 0 and n >= 2 else 0
         held, train = order[:n_hold].sort().values, order[n_hold:].sort().values
+        if draw_seed is not None:
+            generator = torch.Generator().manual_seed(int(draw_seed))
         # index once: no view of the full arrays is kept alive by the training tensors
         train_images, train_truth = images[train].clone(), truth[train].clone()
         train_oof = oof_masks[train].clone() if oof_masks is not None else None

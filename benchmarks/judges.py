@@ -1,0 +1,128 @@
+"""Every judge on the same proposals of the same base, one table (prints figures; not a test).
+
+    python benchmarks/judges.py --base runs/experiments/signal/bases/polyp-seed0-<digest>
+                                [--fold-steps 600] [--rounds 3] [--steps 100] [--out FILE.md]
+
+On a cached supervised base of `benchmarks/experiments.py` (its `consortium.yaml`, `sites/` and
+last checkpoint) this measures, at every training site, on its calibration split, with the
+consortium's own proposal and mining settings (`shared.training.calibration_reliability`, the
+figures a preference round reports and the ledger reads):
+
+- `learned`: the site's own quality judge, trained on its labelled split alone
+  (`rounds x steps` Adam steps);
+- `federated`: the consortium's quality judge, `rounds` rounds of `steps` steps at every site,
+  averaged by labelled images between rounds (`shared.judge_training`, in process: the maths of
+  the server's judge rounds without Flower);
+- `agreement` and `uncertainty`, the label-free judges.
+
+Both learned judges train on the same out-of-fold proposals (k segmenters trained `--fold-steps`
+steps on k-1 folds of each site's labelled split) and the same number of steps per site, so the
+only difference between them is whose labels taught them. The within-image Spearman, the
+informative pairs (true-Dice gap >= the consortium's informative_gap, both masks plausible), their
+accuracy and Wilson bound, and the Dice of each judge's pick against identity and best-of-K.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from shared.aggregation import weighted_average  # noqa: E402
+from shared.config import QualityJudgeConfig, load_consortium, load_site  # noqa: E402
+from shared.data import load_site_data  # noqa: E402
+from shared.judge_training import consortium_judge, initial_judge_state, out_of_fold_proposals  # noqa: E402
+from shared.judges import AgreementJudge, UncertaintyJudge  # noqa: E402
+from shared.model import load_state  # noqa: E402
+from shared.site import load_model, model_from_config  # noqa: E402
+from shared.training import calibration_reliability  # noqa: E402
+
+COLUMNS = ("spearman", "informative_pairs", "informative_pair_accuracy", "informative_wilson", "pair_accuracy",
+           "dice_identity", "dice_best", "dice_pick")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", required=True, type=Path, help="a cached base folder of benchmarks/experiments.py")
+    parser.add_argument("--fold-steps", type=int, default=QualityJudgeConfig.fold_steps,
+                        help="steps of each out-of-fold segmenter (default: quality_judge's default)")
+    parser.add_argument("--rounds", type=int, default=QualityJudgeConfig.rounds, help="judge rounds (federated)")
+    parser.add_argument("--steps", type=int, default=QualityJudgeConfig.steps, help="local steps a judge round")
+    parser.add_argument("--out", type=Path, help="also write the table to this markdown file")
+    args = parser.parse_args(argv)
+    cfg = load_consortium(args.base / "consortium.yaml")
+    checkpoints = sorted((args.base / "run" / "checkpoints").glob("round_*.pt"))
+    if not checkpoints:
+        print(f"{args.base}: no checkpoint under run/checkpoints: train the base first", file=sys.stderr)
+        return 2
+    model = load_model(cfg.model, load_state(checkpoints[-1])).eval()
+    quality = dataclasses.replace(cfg.quality_judge or QualityJudgeConfig(), fold_steps=args.fold_steps,
+                                  rounds=args.rounds, steps=args.steps)
+    sites = [load_site(path) for path in cfg.sites]
+    data = {site.name: load_site_data(site, splits=("labeled", "calibration")) for site in sites}
+    started = time.perf_counter()
+    fold_training = dataclasses.replace(cfg.supervised, steps=quality.fold_steps)
+    oof = {name: out_of_fold_proposals(d["labeled"], lambda: model_from_config(cfg.model), fold_training,
+                                       cfg.preference.proposals, quality.folds, "cpu", quality.seed)
+           for name, d in data.items()}
+    print(f"out-of-fold proposals: {time.perf_counter() - started:.0f} s", flush=True)
+
+    judges = {name: {"agreement": AgreementJudge(), "uncertainty": UncertaintyJudge()} for name in data}
+    for name, d in data.items():  # the site's own: all its steps on its own labels
+        local = consortium_judge(initial_judge_state(d["labeled"].images.shape[1], quality.seed),
+                                 d["labeled"].images.shape[1], d["labeled"].images.shape[-1])
+        local.fit(d["labeled"].images, d["labeled"].masks, oof[name], steps=quality.rounds * quality.steps,
+                  lr=quality.lr, batch_size=quality.batch_size, holdout=0.0, draw_seed=1)
+        judges[name]["learned"] = local
+    state = initial_judge_state(cfg.model.in_channels, quality.seed)
+    for judge_round in range(1, quality.rounds + 1):  # the server's judge rounds, in process
+        updates, counts = [], []
+        for name, d in data.items():
+            judge = consortium_judge(state, d["labeled"].images.shape[1], d["labeled"].images.shape[-1])
+            judge.fit(d["labeled"].images, d["labeled"].masks, oof[name], steps=quality.steps, lr=quality.lr,
+                      batch_size=quality.batch_size, holdout=0.0, draw_seed=judge_round)
+            updates.append({k: v.detach().clone() for k, v in judge.net.state_dict().items()})
+            counts.append(len(d["labeled"].names))
+        state = weighted_average(updates, counts)
+    for name, d in data.items():
+        judges[name]["federated"] = consortium_judge(state, d["labeled"].images.shape[1], d["labeled"].images.shape[-1])
+    print(f"judges trained: {time.perf_counter() - started:.0f} s", flush=True)
+
+    lines = [f"Base `{args.base.name}` ({checkpoints[-1].name}); calibration images: "
+             + ", ".join(f"{name} {len(d['calibration'].names)}" for name, d in data.items())
+             + "; labelled: " + ", ".join(f"{name} {len(d['labeled'].names)}" for name, d in data.items())
+             + f"; judges trained {quality.rounds} x {quality.steps} steps, out-of-fold segmenters "
+               f"{quality.folds} x {quality.fold_steps} steps.", "",
+             "| judge | site | within-image Spearman | informative pairs | informative pair acc. | Wilson bound | "
+             "pair acc. (mined) | identity | best-of-K | pick |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for kind in ("federated", "learned", "agreement", "uncertainty"):
+        for name, d in data.items():
+            figures, _ = calibration_reliability(model, d["calibration"], judges[name][kind], cfg.preference.mining,
+                                                 cfg.preference.proposals, "cpu", seed=cfg.seed,
+                                                 informative_gap=cfg.aggregation.informative_gap)
+            cells = [kind, name] + [_cell(figures.get(key)) for key in COLUMNS]
+            lines.append("| " + " | ".join(cells) + " |")
+            print(lines[-1], flush=True)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    return 0
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and value.is_integer() and abs(value) > 1:
+        return str(int(value))
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""The consortium's quality judge (`judge.kind: federated`, consortium `quality_judge:`).
+
+Unit tests of its schedule, its site round and its out-of-fold cache; a real simulated
+consortium (Flower ServerApp and ClientApps, tiny demo X-rays at 32 px) that trains it at every
+site, scores with it at the federated site, keeps it in the checkpoints and resumes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from fl_server.federation import judge_due
+from fl_server.run_dir import config_hash
+from shared import judge_training
+from shared.config import (ConfigError, ProposalConfig, QualityJudgeConfig, SupervisedConfig, load_consortium,
+                           load_consortium_sites, to_dict)
+from shared.data import SplitData
+from shared.judge_training import OOF_FILE, consortium_judge, initial_judge_state, judge_round
+from shared.site import model_from_config, site_judge
+from test_federation import metric_lines, run_sim, write_consortium
+
+QUALITY = "quality_judge: {rounds: 1, steps: 6, batch_size: 4, folds: 2, fold_steps: 3, refresh_every: 1}\n"
+
+
+def _consortium(tmp_path, quality: str | None = QUALITY, **judges):
+    path = write_consortium(tmp_path, judges or {"montgomery": "{kind: federated}", "shenzhen_a": "{kind: agreement}"})
+    if quality:
+        path.write_text(path.read_text() + quality)
+    return path
+
+
+def test_the_judge_is_trained_before_the_first_preference_round_and_refreshed_on_schedule(tmp_path):
+    cfg = load_consortium(_consortium(tmp_path))  # 1 supervised round, refresh_every 1
+    assert [judge_due(cfg, r, trained=r > 2) for r in (1, 2, 3)] == [False, True, True]
+    every_two = dataclasses.replace(cfg, quality_judge=dataclasses.replace(cfg.quality_judge, refresh_every=2),
+                                    preference=dataclasses.replace(cfg.preference, rounds=5))
+    # preference rounds 1..5 are server rounds 2..6: trained before 1, refreshed before 3 and 5
+    assert [judge_due(every_two, r, trained=r > 2) for r in range(2, 7)] == [True, False, True, False, True]
+    once = dataclasses.replace(every_two, quality_judge=dataclasses.replace(cfg.quality_judge, refresh_every=0))
+    assert [judge_due(once, r, trained=r > 2) for r in range(2, 7)] == [True, False, False, False, False]
+    assert judge_due(once, 4, trained=False)  # a resume that finds no judge trains one first
+    assert not judge_due(dataclasses.replace(cfg, quality_judge=None), 2, trained=False)
+
+
+def test_a_federated_site_needs_the_consortiums_judge(tmp_path):
+    with pytest.raises(ConfigError, match=r"montgomery.yaml: judge.kind: 'federated' .* has no quality_judge: section"):
+        load_consortium_sites(load_consortium(_consortium(tmp_path, quality=None)))
+    cfg = load_consortium(_consortium(tmp_path, quality="quality_judge: {}\n"))
+    assert cfg.quality_judge == QualityJudgeConfig()
+    site = load_consortium_sites(cfg)[0]
+    with pytest.raises(ValueError, match="the server sent none"):
+        site_judge(site, {}, cfg.model, cfg.supervised, cfg.preference, "cpu")
+
+
+def test_runs_made_before_quality_judge_existed_keep_their_fingerprint(tmp_path):
+    import hashlib
+    import json
+
+    cfg = load_consortium(_consortium(tmp_path, quality=None, montgomery="{kind: agreement}"))
+    before = to_dict(cfg)  # what config_hash hashed before the key existed
+    before.pop("run_dir"), before.pop("quality_judge")
+    assert config_hash(cfg) == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
+    assert config_hash(dataclasses.replace(cfg, quality_judge=QualityJudgeConfig())) != config_hash(cfg)
+
+
+def _labeled(n=6, size=32, seed=0) -> SplitData:
+    g = torch.Generator().manual_seed(seed)
+    masks = torch.zeros(n, 1, size, size, dtype=torch.uint8)
+    for i in range(n):
+        r, c, h = 4 + 2 * i % 10, 6 + 3 * i % 12, 8 + i % 6
+        masks[i, 0, r:r + h, c:c + h] = 1
+    images = masks.float() * 0.6 + 0.4 * torch.rand(n, 1, size, size, generator=g)
+    return SplitData(names=[f"img{i}.png" for i in range(n)], images=images, masks=masks)
+
+
+def test_a_judge_round_trains_the_received_weights_and_keeps_its_proposals_at_the_site(tmp_path, monkeypatch):
+    cfg = load_consortium(_consortium(tmp_path))
+    quality, labeled = cfg.quality_judge, _labeled()
+    factory = lambda: model_from_config(cfg.model)  # noqa: E731
+    received = initial_judge_state(1, quality.seed)
+    args = (factory, {"model": "tiny"}, quality, SupervisedConfig(steps=1, batch_size=2), ProposalConfig(mc_samples=0))
+    state, figures = judge_round(received, labeled, *args, tmp_path / "work", "cpu", seed=1)
+    assert state.keys() == received.keys()
+    assert any(not torch.equal(state[k], received[k]) for k in state if state[k].is_floating_point())
+    assert set(figures) == {"judge_loss", "judge_steps"} and 0 <= figures["judge_loss"] < 1
+    assert (tmp_path / "work" / OOF_FILE).is_file()
+
+    made = []
+    real = judge_training.out_of_fold_proposals
+    monkeypatch.setattr(judge_training, "out_of_fold_proposals", lambda *a, **k: made.append(1) or real(*a, **k))
+    again, _ = judge_round(received, labeled, *args, tmp_path / "work", "cpu", seed=1)
+    assert made == []  # the next round (a fresh process in deployment) reads them back
+    for key, value in state.items():
+        torch.testing.assert_close(again[key], value, rtol=0, atol=0)  # same draws for the same seed
+    other, _ = judge_round(received, labeled, *args, tmp_path / "work", "cpu", seed=2)
+    assert any(not torch.equal(other[k], state[k]) for k in state if state[k].is_floating_point())
+    judge_round(received, _labeled(n=7), *args, tmp_path / "work", "cpu", seed=1)
+    assert made == [1]  # a changed labelled split makes them again
+
+
+def test_the_consortium_judge_scores_with_the_weights_it_was_given():
+    state = initial_judge_state(1, seed=5)
+    judge = consortium_judge(state, channels=1, image_size=32)
+    assert judge.name == "federated"
+    labeled = _labeled(n=3)
+    proposals = type("P", (), {"masks": torch.cat([labeled.masks, 1 - labeled.masks], dim=1)})()
+    scores = judge.score(labeled.images, proposals)
+    assert scores.shape == (3, 2)
+    other = consortium_judge(initial_judge_state(1, seed=6), channels=1, image_size=32).score(labeled.images, proposals)
+    assert not torch.equal(scores, other)
+
+
+def test_every_site_trains_the_judge_it_is_checkpointed_and_resumes(tmp_path):
+    consortium = _consortium(tmp_path)
+    straight = run_sim(consortium, run_dir=tmp_path / "straight")
+    judge_lines = [line for line in metric_lines(straight) if line["kind"] == "judge"]
+    # before preference round 1 (server round 2) and, refresh_every 1, before round 3
+    assert [(line["round"], line["judge_round"]) for line in judge_lines] == [(2, 1), (3, 1)]
+    for line in judge_lines:  # the agreement site trains the consortium's judge too
+        assert set(line["sites"]) == {"montgomery", "shenzhen_a"}
+        assert all(s["status"] == "ok" and s["num-examples"] >= 5 for s in line["sites"].values())
+        assert 0 <= line["mean_loss"] < 1
+    checkpoints = {r: torch.load(straight / "checkpoints" / f"round_00{r}.pt", weights_only=True) for r in (1, 2, 3)}
+    assert checkpoints[1]["judge_state"] is None
+    assert checkpoints[2]["judge_state"].keys() == initial_judge_state(1, 0).keys()
+    assert any(not torch.equal(checkpoints[3]["judge_state"][k], v)
+               for k, v in checkpoints[2]["judge_state"].items() if v.is_floating_point())  # refreshed
+    from fl_server.report import round_table
+
+    round_two = [line for line in metric_lines(straight) if line["round"] == 2]
+    title = round_table(round_two).splitlines()[0]
+    assert f"quality judge trained (1 rounds, 2 sites, loss {judge_lines[0]['mean_loss']:.3f})" in title
+    federated = [line for line in metric_lines(straight) if line.get("site") == "montgomery" and line["phase"] == "preference"]
+    assert len(federated) == 2 and all(line["status"] == "ok" and "rel_spearman" in line["train"] for line in federated)
+
+    stopped = run_sim(consortium, run_dir=tmp_path / "stopped", stop_after=2)
+    run_sim(consortium, run_dir=stopped, resume=True)
+    resumed = torch.load(stopped / "checkpoints" / "round_003.pt", weights_only=True)
+    for key in ("state_dict", "judge_state"):
+        for name, value in checkpoints[3][key].items():
+            torch.testing.assert_close(resumed[key][name], value, rtol=0, atol=0)
+    assert [line for line in metric_lines(stopped) if line["kind"] == "judge"] == judge_lines
