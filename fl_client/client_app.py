@@ -64,6 +64,9 @@ def train(msg: Message, site, context: Context) -> Message:
         calibration = _calibration(config)
     if phase == "judge":
         return _train_judge(msg, site, settings, config)
+    if phase == "preference" and site.judge.kind == "federated" and "judge" not in msg.content.array_records:
+        raise SiteFailure("config", f"{site.source_file}: judge.kind: 'federated' scores with the consortium's "
+                                    "quality judge, but the server sent none (its consortium YAML has no quality_judge:)")
     with failing_as("data"):
         splits = load_site_data(site)
     small = [f"{name} {count}" for name, count in trained_on(phase, settings[2], splits).items() if count < site.min_images]

@@ -353,3 +353,37 @@ def test_packed_weights_pass_the_policy_and_leave_packed(tmp_path):
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     assert PACKED_LAYOUT in reply.content
     assert set(unpack_arrays(reply.content)["arrays"].keys()) == sent_keys
+
+
+def test_the_consortium_judge_travels_as_weights_only(tmp_path):
+    """A judge round and a federated site's preference round through the real ClientApp: the
+    judge's weights under the names the server sent, listed figures, nothing identifying; its
+    out-of-fold proposals stay in the site's work_dir. Without the judge, a federated site's
+    round fails as a config problem."""
+    from shared.config import QualityJudgeConfig
+    from shared.judge_training import OOF_FILE, initial_judge_state
+
+    site = write_site(tmp_path, "general", per_split=6)
+    site.write_text(site.read_text().replace("judge: {kind: oracle}", "judge: {kind: federated}"))
+    context = deployed(site)
+    quality = json.dumps(to_dict(QualityJudgeConfig(rounds=1, steps=3, batch_size=4, folds=2, fold_steps=2)))
+    judge = initial_judge_state(1, seed=0)
+    msg = message(MessageType.TRAIN, phase="judge", server_round=2, quality_judge=quality)
+    msg.content["arrays"] = ArrayRecord(judge)
+    reply = send(msg, context)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    assert_nothing_identifying(reply, tmp_path)
+    assert set(reply.content["arrays"].keys()) == set(judge)
+    assert set(reply.content["metrics"].keys()) == {"judge_loss", "judge_steps", "num-examples", "compute_s", "rss_mb"}
+    assert reply.content["metrics"]["num-examples"] == 6.0  # the labelled split (the broken pair skipped)
+    assert (load_site(site).work_dir / OOF_FILE).is_file()
+
+    preference = message(MessageType.TRAIN, phase="preference", server_round=2)
+    preference.content["judge"] = reply.content["arrays"]
+    scored = send(preference, context)
+    assert not scored.has_error(), scored.error.reason if scored.has_error() else ""
+    assert_nothing_identifying(scored, tmp_path)
+    assert "rel_spearman" in scored.content["metrics"]
+    missing = send(message(MessageType.TRAIN, phase="preference", server_round=3), context)
+    assert missing.has_error() and missing.error.reason.startswith("site 'general': config (see site log, id ")
+    assert "the server sent none" in site_log(site)
