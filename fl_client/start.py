@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
+
 from fl_client.supernode import (
     SENT_LOG,
     SuperLinkConnectionError,
@@ -45,6 +47,11 @@ IDLE_POLL = 0.5  # with deployment.fast_start: the idle SuperNode polls this oft
 FLOWER_DEFAULTS_ENV = "FL_CLIENT_FLOWER_DEFAULTS"
 SUPERNODE_DIR = "supernode"  # under work_dir: supernode.log, node_config.toml, FLWR_HOME
 STOP_TIMEOUT = 5.0  # seconds the SuperNode's group gets after SIGTERM before SIGKILL
+# how long a SuperLink may count a vanished SuperNode as online (Flower: 2 missed heartbeats of
+# 30 s), plus a margin: a site it accepted before retries a refused activation for this long
+HELD_ONLINE = HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL + 15.0
+RETRY_WAIT = 5.0
+LAST_CONNECTION = "last_connection.json"  # under work_dir/supernode: superlink, public key, node id
 
 
 class StartError(RuntimeError):
@@ -88,7 +95,10 @@ def check_deployment(site: SiteConfig, superlink: str | None) -> str:
 
 
 def _port_taken(port: int) -> bool:
+    """Whether something listens on the port. SO_REUSEADDR as the SuperNode's own gRPC server
+    binds: connections of a SuperNode stopped a moment ago (TIME_WAIT) do not count."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
@@ -141,8 +151,9 @@ def start_site(site_path: Path | str, superlink: str | None = None,
     handle: SuperNodeHandle | None = None
     with sigterm_as_interrupt():
         try:
+            dropped = False  # after the SuperLink dropped us, a refusal is final: our node is not online
             while True:
-                handle = _run_supernode(site, address, wait_timeout)
+                handle = _connect(site, address, wait_timeout, retry_refused=not dropped)
                 reason = _follow(handle, site.work_dir / SENT_LOG)
                 if handle.node_id is None or handle.process.returncode != 0:
                     return _fail(reason)
@@ -151,6 +162,7 @@ def start_site(site_path: Path | str, superlink: str | None = None,
                 _say(f"site {site.name}: the SuperLink dropped this SuperNode (its key was revoked, "
                      "or the server started a new database); connecting again")
                 handle.stop()
+                dropped = True
                 wait_until_reachable(address, site.deployment.ca_cert, wait_timeout)
         except (StartError, SuperNodeError, TimeoutError) as err:
             return _fail(str(err))
@@ -170,6 +182,55 @@ def stopped_line(site: SiteConfig) -> str:
     """The one line `fl-client start` prints when stopped: how the site joins again (the
     server keeps the run's checkpoints; a site keeps nothing it needs to resume)."""
     return f"fl-client: site {site.name}: stopped; rejoin with: fl-client start --site {site.source_file}"
+
+
+def _connect(site: SiteConfig, address: str, timeout: float, retry_refused: bool = True) -> SuperNodeHandle:
+    """``_run_supernode``, retried while the SuperLink may still count this site's previous
+    connection as online. A SuperLink that stopped (or a SuperNode that vanished) leaves the
+    node online in its database until two heartbeats are missed (Flower: 2 x 30 s), and refuses
+    to activate it again until then; a site that was accepted by this server with this key
+    before waits that out instead of being told its key is not registered."""
+    previous = _last_connection(site, address) if retry_refused else None
+    deadline, said = time.monotonic() + HELD_ONLINE, False
+    while True:
+        try:
+            handle = _run_supernode(site, address, timeout)
+        except SuperNodeError as err:
+            if not (err.refused and previous is not None and time.monotonic() < deadline):
+                raise
+            if not said:
+                _say(f"site {site.name}: the server still counts this site's previous connection (node "
+                     f"{previous}) as online; retrying for up to {deadline - time.monotonic():.0f} s")
+                said = True
+            time.sleep(RETRY_WAIT)
+            continue
+        _remember_connection(site, address, handle.node_id)
+        return handle
+
+
+def _connection_file(site: SiteConfig) -> Path:
+    return site.work_dir / SUPERNODE_DIR / LAST_CONNECTION
+
+
+def _key_line(site: SiteConfig) -> str:
+    pub = Path(f"{site.deployment.private_key}.pub")
+    return pub.read_text().strip() if pub.is_file() else ""
+
+
+def _last_connection(site: SiteConfig, address: str) -> int | None:
+    """The node id this SuperLink gave this site's current key the last time, or None."""
+    try:
+        last = json.loads(_connection_file(site).read_text())
+    except (OSError, ValueError):
+        return None
+    same = last.get("superlink") == address and last.get("public_key") == _key_line(site)
+    return last.get("node_id") if same else None
+
+
+def _remember_connection(site: SiteConfig, address: str, node_id: int | None) -> None:
+    path = _connection_file(site)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"superlink": address, "public_key": _key_line(site), "node_id": node_id}))
 
 
 def _run_supernode(site: SiteConfig, address: str, timeout: float) -> SuperNodeHandle:

@@ -59,7 +59,13 @@ _NODE_ID = re.compile(r"SuperNode ID: (\d+)")
 
 
 class SuperNodeError(RuntimeError):
-    """The SuperNode could not connect, or was refused; the message is one line."""
+    """The SuperNode could not connect, or was refused; the message is one line. ``refused``:
+    the SuperLink refused its activation (code 2004: a key it does not accept, or a node it
+    still counts as online from an earlier connection)."""
+
+    def __init__(self, message: str, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 class SuperLinkConnectionError(RuntimeError):
@@ -261,7 +267,7 @@ class SuperNodeHandle(ManagedProcess):
             if node_id is not None:
                 return node_id
             if not self.is_running():
-                raise SuperNodeError(self.failure() or "SuperNode exited")
+                raise SuperNodeError(self.failure() or "SuperNode exited", refused=activation_refused(self.new_log()))
             time.sleep(0.1)
         raise TimeoutError(
             f"SuperNode of site {self.site!r} not connected to {self.superlink_address} "
@@ -367,6 +373,11 @@ def start_supernode(
     return handle
 
 
+def activation_refused(log: str) -> bool:
+    """Whether a SuperNode's log ends in a refused activation (Flower's code 2004)."""
+    return "Failed to activate SuperNode" in log or "code: 2004" in log
+
+
 def diagnose_supernode(
     log: str,
     returncode: int | None,
@@ -378,7 +389,7 @@ def diagnose_supernode(
     """One line saying why a SuperNode stopped, from its log and exit code."""
     who = f"SuperNode of site {site!r}" if site else "SuperNode"
     pub = f"{private_key}.pub"
-    if "Failed to activate SuperNode" in log or "code: 2004" in log:
+    if activation_refused(log):
         return (
             f"{who} refused by the SuperLink at {superlink_address}: its key "
             f"{private_key} is not registered (or was revoked). Send {pub} to the operator, "

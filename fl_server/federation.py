@@ -74,6 +74,26 @@ class ConsortiumStrategy:
             **self.extra_config,
         })
 
+    def ready_nodes(self, grid: Grid) -> list[int]:
+        """The connected nodes that said which site they are, once at least `min_sites` have
+        (waiting up to `round_timeout`). A node the SuperLink lists but that cannot answer is
+        asked again, not sent the round: after a restart the SuperLink still counts a stopped
+        SuperNode as online until it misses two heartbeats (Flower: 60 s), and its site comes
+        back under the same node id."""
+        timeout = self.cfg.federation.round_timeout
+        deadline = time.time() + timeout
+        while True:
+            nodes = _wait_for_nodes(grid, self.min_available_nodes, deadline, timeout)
+            self.identify(grid, nodes)
+            named = [n for n in nodes if n in self.node_sites]
+            if len(named) >= self.min_available_nodes:
+                return named
+            if time.time() > deadline:
+                raise TimeoutError(f"only {len(named)} of the required {self.min_available_nodes} sites answered "
+                                   f"within {timeout:g} s")
+            log.info("waiting for sites: %d answered, %d required", len(named), self.min_available_nodes)
+            time.sleep(1)
+
     def identify(self, grid: Grid, nodes: list[int]) -> None:
         """Ask nodes we cannot name yet which site they are (after a start, a resume, a join)."""
         unknown = [n for n in nodes if n not in self.node_sites]
@@ -98,9 +118,7 @@ class ConsortiumStrategy:
         quality judge when there is one (scored with at sites whose judge.kind is federated)."""
         phase = str(config["phase"])
         messages = []
-        nodes = _wait_for_nodes(grid, self.min_available_nodes, self.cfg.federation.round_timeout)
-        self.identify(grid, nodes)
-        for node_id in nodes:
+        for node_id in self.ready_nodes(grid):
             site = self.node_sites.get(node_id)
             preference = self.ledger.settings_for(site, self.cfg.preference) if site else self.cfg.preference
             record = RecordDict({"arrays": arrays, "config": self.round_config(server_round, phase, preference)})
@@ -170,11 +188,9 @@ class ConsortiumStrategy:
         for judge_round in range(1, quality.rounds + 1):
             config = self.round_config(server_round, "judge", self.cfg.preference)
             config["seed"] = self.cfg.seed * 100_003 + server_round * 101 + judge_round  # new draws each round
-            nodes = _wait_for_nodes(grid, self.min_available_nodes, self.cfg.federation.round_timeout)
-            self.identify(grid, nodes)
             arrays = ArrayRecord(judge_state)
             sent = [Message(RecordDict({"arrays": arrays, "config": config}), message_type=MessageType.TRAIN,
-                            dst_node_id=node) for node in nodes]
+                            dst_node_id=node) for node in self.ready_nodes(grid)]
             replies = grid.send_and_receive(sent, timeout=self.cfg.federation.round_timeout)
             outcomes = self.collect_judge(sent, replies, judge_state)
             usable = sorted(site for site, o in outcomes.items() if o.status == "ok")
@@ -480,8 +496,8 @@ def _mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
-    deadline = time.time() + timeout
+def _wait_for_nodes(grid: Grid, minimum: int, deadline: float, timeout: float) -> list[int]:
+    """At least `minimum` connected nodes, by `deadline` (time.time(); `timeout` is for the message)."""
     while len(nodes := list(grid.get_node_ids())) < minimum:
         if time.time() > deadline:
             raise TimeoutError(f"only {len(nodes)} of the required {minimum} sites connected within {timeout:g} s")

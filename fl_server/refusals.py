@@ -9,6 +9,9 @@ What Flower 1.42's SuperLink logs (provoked on loopback, tests/test_deployment.p
   key is matched against the provisioned and revoked keys to name the site;
 * a SuperNode whose key was unregistered while it was connected: access lines with status
   401 on its next ``/v1/fleet/...`` requests;
+* a registered key whose node the SuperLink still counts as online (a restart within two
+  heartbeats of the site's last connection): the same ERROR line ending ``SuperNode with node
+  ID ... could not be activated.`` and the 412 line; ``fl-client start`` retries it;
 * a client that does not trust the server's certificate (wrong CA), or that speaks plain
   HTTP to the TLS port: NOTHING. The TLS handshake fails inside uvicorn's event loop,
   which drops the connection silently (also with PYTHONASYNCIODEBUG=1). Those refusals
@@ -53,7 +56,7 @@ class RefusalReader:
         line = strip_ansi(line)
         found = _UNKNOWN_KEY.search(line)
         if found:
-            self.pending = self._why(_ssh_line(found.group(1)))
+            self.pending = self._why(_ssh_line(found.group(1)), still_online="could not be activated" in line)
             return None
         access = _ACCESS.search(line)
         if not access:
@@ -67,8 +70,11 @@ class RefusalReader:
                     "connected (revoked)")
         return None
 
-    def _why(self, key: str | None) -> str:
+    def _why(self, key: str | None, still_online: bool = False) -> str:
         site, revoked = self.keys().get(key or "", (None, False))
+        if still_online and site is not None and not revoked:  # registered, but its node is "online"
+            return (f"site {site} reconnected while this SuperLink still counts its previous connection as "
+                    "online (until two heartbeats are missed, 60 s); its fl-client retries")
         if site is None:
             return ("unregistered SuperNode key (no site has it; a site's key is filed with "
                     "fl-server add-site)")

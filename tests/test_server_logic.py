@@ -319,6 +319,13 @@ def test_superlink_refusals_are_one_line_each_naming_the_site():
         reader = RefusalReader(lambda: keys)
         assert reader.feed(activate) is None
         assert reader.feed(access).startswith(expected)
+    # a registered key whose node is still counted online (a restart within two heartbeats)
+    held = activate.replace("No SuperNode found with the given public key.",
+                            "SuperNode with node ID 9987046455811028928 could not be activated.")
+    reader = RefusalReader(lambda: {public.decode().strip(): ("lyon", False)})
+    assert reader.feed(held) is None
+    assert reader.feed(access).startswith("refused: site lyon reconnected while this SuperLink still counts its "
+                                          "previous connection as online")
     dropped = '... INFO [uvicorn.access] 127.0.0.1:41932 - "POST /v1/fleet/pull-messages HTTP/1.1" 401'
     assert "unregistered while it was connected" in RefusalReader(dict).feed(dropped)
     assert RefusalReader(dict).feed(dropped.replace("pull-messages", "deactivate-node")) is None

@@ -9,6 +9,7 @@ real SuperLink and SuperNode in tests/test_deployment.py.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -268,13 +269,13 @@ def _stopped(proc: subprocess.Popen, sig: int, root: Path, name: str, code: int,
     return lines[0]
 
 
-def test_one_signal_stops_fl_server_start_and_fl_client_start(consortium):
+def test_one_signal_stops_fl_server_start_and_fl_client_start_and_the_run_resumes(consortium):
     root, env = consortium["root"], consortium["env"]
-    # 1 supervised + 4 preference rounds: the signals land mid-run, however fast round 2 goes
+    # 1 supervised + 2 preference rounds: the signals land mid-run, however fast round 2 goes
     cfg_path = root / "consortium-stop.yaml"
     text = Path(consortium["path"]).read_text()
     assert text.count("\n  rounds: 1\n") == 1, text
-    cfg_path.write_text(text.replace("\n  rounds: 1\n", "\n  rounds: 4\n"))
+    cfg_path.write_text(text.replace("\n  rounds: 1\n", "\n  rounds: 2\n"))
     run_dir = root / "run-stop"
     clients = {name: _start(root, env, f"stop-client-{name}", BIN / "fl-client", "start", "--site", site)
                for name, site in consortium["sites"].items()}
@@ -296,9 +297,21 @@ def test_one_signal_stops_fl_server_start_and_fl_client_start(consortium):
         done = completed_round(run_dir)
         assert done >= 1
         command = f"fl-server start --consortium {cfg_path} --run-dir {run_dir} --provisioned {root / 'prov'}"
-        assert done < 5 and line == f"fl-server: stopped after round {done} of 5; resume with: {command} --resume"
+        assert done < 3 and line == f"fl-server: stopped after round {done} of 3; resume with: {command} --resume"
         _stopped(shenzhen_a, signal.SIGINT, root, f"stop-client-{names[1]}", 0,
                  *_signal(shenzhen_a, signal.SIGINT, to_group=True))
+
+        # the line's command continues the run: the rounds after `done`, each once
+        procs += [_start(root, env, f"resume-client-{name}", BIN / "fl-client", "start", "--site", site)
+                  for name, site in consortium["sites"].items()]
+        first_checkpoint = first.stat().st_mtime_ns
+        program, *arguments = line.split("resume with: ", 1)[1].split()
+        resumed = _start(root, env, "resume-server", BIN / program, *arguments)
+        procs.append(resumed)
+        assert resumed.wait(DEADLINE) == 0, _text(root / "resume-server.err")[-3000:]
+        assert completed_round(run_dir) == 3 and first.stat().st_mtime_ns == first_checkpoint  # continued, not redone
+        rows = [(r["kind"], r["round"], r.get("site")) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+        assert len(rows) == len(set(rows)) and {r[1] for r in rows} == {1, 2, 3}
     finally:
         for proc in procs:
             if proc.poll() is None:
