@@ -94,7 +94,7 @@ def main(argv=None) -> int:
             return _dispatch(args)  # handler is set stops it with one line too, not a traceback
     except KeyboardInterrupt:
         print(f"fl-client: {args.command} stopped", file=sys.stderr, flush=True)
-        return 130
+        return 0 if args.command == "start" else 130  # a site stopping start is a normal end (its own handler's 0)
     except ConfigError as exc:
         print(f"fl-client: {exc}", file=sys.stderr)
         return 2
@@ -181,9 +181,13 @@ def cmd_local(args) -> int:
         phase = "supervised" if r <= warmup else "preference"
         if phase == "preference" and site.judge.kind == "federated" and judge_state is None:
             judge_state = initial_judge_state(site.channels, quality.seed)
-            for judge_round in range(1, quality.rounds + 1):
-                judge_state, _ = train_judge_round(site, model_cfg, supervised, preference, quality, judge_state,
-                                                   seed=1000 * r + judge_round, splits=splits, progress=progress)
+            try:
+                for judge_round in range(1, quality.rounds + 1):
+                    judge_state, _ = train_judge_round(site, model_cfg, supervised, preference, quality, judge_state,
+                                                       seed=1000 * r + judge_round, splits=splits, progress=progress)
+            except ValueError as err:  # e.g. fewer labelled images than quality_judge.folds
+                print(f"fl-client: {site.source_file}: the quality judge cannot be trained here: {err}", file=sys.stderr)
+                return 2
         state, result = train_round(site, model_cfg, phase, state, supervised, preference, seed=r,
                                     splits=splits, progress=progress, judge_state=judge_state)
         scores = evaluate_round(site, model_cfg, state, splits)

@@ -199,8 +199,9 @@ def _connect(site: SiteConfig, address: str, timeout: float, retry_refused: bool
             if not (err.refused and previous is not None and time.monotonic() < deadline):
                 raise
             if not said:
-                _say(f"site {site.name}: the server still counts this site's previous connection (node "
-                     f"{previous}) as online; retrying for up to {deadline - time.monotonic():.0f} s")
+                _say(f"site {site.name}: activation refused: the server still counts this site's previous "
+                     f"connection (node {previous}) as online, or this key was revoked; retrying for up to "
+                     f"{deadline - time.monotonic():.0f} s")
                 said = True
             time.sleep(RETRY_WAIT)
             continue

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -156,9 +157,9 @@ class ConsortiumStrategy:
                 outcomes[site] = SiteOutcome(site, "ok", train=train, state=state)
         for message in sent:
             node = message.metadata.dst_node_id
-            if node not in answered:
+            if node not in answered:  # a site that answered from another node (a new key) keeps its reply
                 site = self.node_sites.get(node, f"node-{node}")
-                outcomes[site] = SiteOutcome(site, "failed", f"no reply within {self.cfg.federation.round_timeout:g} s")
+                outcomes.setdefault(site, SiteOutcome(site, "failed", f"no reply within {self.cfg.federation.round_timeout:g} s"))
         self._mark_revoked(server_round, outcomes)
 
         accepted = {s: o for s, o in outcomes.items() if o.status == "ok"}
@@ -179,12 +180,15 @@ class ConsortiumStrategy:
         return outcomes
 
     def train_judge(self, grid: Grid, server_round: int, judge_state: dict,
-                    on_line: Callable[[dict], None]) -> dict:
+                    on_line: Callable[[dict], None]) -> tuple[dict, bool]:
         """`quality_judge.rounds` rounds of the consortium's quality judge before preference round
         `server_round` (every site trains it on its labelled split, shared.judge_training); the
-        updates are averaged by labelled images. A failed, malformed or revoked site's update is
-        left out; with none usable the judge stays as it was. Each round's figures go to `on_line`."""
+        updates are averaged by labelled images. A failed, malformed, outlying or revoked site's
+        update is left out; a round with fewer than `min_sites` usable updates leaves the judge
+        as it was (one hospital's judge is not the consortium's). Each round's figures go to
+        `on_line`. Returns the judge and whether any round changed it."""
         quality = self.cfg.quality_judge
+        changed = False
         for judge_round in range(1, quality.rounds + 1):
             config = self.round_config(server_round, "judge", self.cfg.preference)
             config["seed"] = self.cfg.seed * 100_003 + server_round * 101 + judge_round  # new draws each round
@@ -194,14 +198,15 @@ class ConsortiumStrategy:
             replies = grid.send_and_receive(sent, timeout=self.cfg.federation.round_timeout)
             outcomes = self.collect_judge(sent, replies, judge_state)
             usable = sorted(site for site, o in outcomes.items() if o.status == "ok")
-            if usable:
+            if len(usable) >= self.cfg.federation.min_sites:
                 judge_state = weighted_average([outcomes[s].state for s in usable],
-                                               [outcomes[s].train.get("num-examples", 0.0) for s in usable])
+                                               [outcomes[s].train["num-examples"] for s in usable])
+                changed = True
             else:
-                log.warning("round %d, judge round %d: no site trained the quality judge: it is unchanged",
-                            server_round, judge_round)
+                log.warning("round %d, judge round %d: %d of the required %d sites trained the quality judge: "
+                            "it is unchanged", server_round, judge_round, len(usable), self.cfg.federation.min_sites)
             on_line(judge_metric_line(server_round, judge_round, outcomes))
-        return judge_state
+        return judge_state, changed
 
     def collect_judge(self, sent: list[Message], replies: Iterable[Message], judge_state: dict) -> dict[str, SiteOutcome]:
         """A judge round's replies as outcomes: ok (with the update), failed, rejected or revoked."""
@@ -219,15 +224,22 @@ class ConsortiumStrategy:
             self.node_sites[node] = site
             train = {k: float(v) for k, v in reply.content["metrics"].items()}
             state = reply.content["arrays"].to_torch_state_dict()
-            problem = update_problem(state, judge_state)
+            examples = train.get("num-examples", 0.0)
+            problem = update_problem(state, judge_state) or (
+                None if math.isfinite(examples) and examples > 0 else f"num-examples {examples:g} is not a positive count")
             outcomes[site] = SiteOutcome(site, "rejected", problem, train) if problem else \
                 SiteOutcome(site, "ok", train=train, state=state)
         for message in sent:
             if message.metadata.dst_node_id not in answered:
                 site = self.node_sites.get(message.metadata.dst_node_id, f"node-{message.metadata.dst_node_id}")
-                outcomes[site] = SiteOutcome(site, "failed", f"no reply within {self.cfg.federation.round_timeout:g} s")
+                outcomes.setdefault(site, SiteOutcome(site, "failed", f"no reply within {self.cfg.federation.round_timeout:g} s"))
         for site in read_revoked(self.revoked_file) & set(outcomes):
             outcomes[site] = SiteOutcome(site, "revoked", "key revoked by the operator (fl-server revoke)")
+        accepted = {s: o for s, o in outcomes.items() if o.status == "ok"}
+        norms = {s: update_norm(o.state, judge_state) for s, o in accepted.items()}
+        for site in norm_outliers(norms, self.cfg.aggregation.norm_outlier_factor):
+            outcomes[site].status, outcomes[site].state = "rejected", None
+            outcomes[site].reason = f"update norm {norms[site]:.3g} is an outlier"
         for site, outcome in outcomes.items():
             if outcome.status != "ok":
                 log.warning("quality judge: %s %s: %s", site, outcome.status, outcome.reason)
@@ -367,11 +379,15 @@ def run_federation(
         if phase == "preference" and cfg.preference.reference == "base" and reference is None:
             reference = ArrayRecord(_preference_base(run, cfg, state, server_round))
         judge_lines: list[dict] = []
+        changed = False
         if judge_due(cfg, server_round, trained=judge_state is not None):
             start = judge_state if judge_state is not None else initial_judge_state(cfg.model.in_channels,
                                                                                     cfg.quality_judge.seed)
-            judge_state = strategy.train_judge(grid, server_round, start,
-                                               lambda line: (run.append(line), judge_lines.append(line)))
+            trained, changed = strategy.train_judge(grid, server_round, start,
+                                                    lambda line: (run.append(line), judge_lines.append(line)))
+            # an untrained judge is never sent: federated sites then fail as a config problem, and
+            # the next round tries again
+            judge_state = trained if changed else judge_state
         judge = ArrayRecord(judge_state) if phase == "preference" and judge_state is not None else None
         sent = list(strategy.configure_train(server_round, arrays, ConfigRecord({"phase": phase}), grid, reference,
                                              judge))
@@ -387,7 +403,8 @@ def run_federation(
         lines[-1].update(calib_dice=calib_dice, calib_images=calib_images, **_selection_fields(selection))
         if judge_lines:  # the round table's title says the judge was (re)trained
             lines[-1]["quality_judge"] = {"rounds": len(judge_lines), "loss": judge_lines[-1]["mean_loss"],
-                                          "sites": sum(s["status"] == "ok" for s in judge_lines[-1]["sites"].values())}
+                                          "sites": sum(s["status"] == "ok" for s in judge_lines[-1]["sites"].values()),
+                                          "trained": changed}
         for line in lines:
             run.append(line)
         run.save_round(server_round, state, strategy.ledger, cfg_hash, selection, calib_dice, judge_state)

@@ -164,7 +164,7 @@ data:
   # split: {{labeled: 0.2, calibration: 0.1, unlabeled: 0.5, test: 0.2}}
 
 judge:
-  kind: agreement          # agreement, uncertainty or learned (oracle: experiments only)
+  kind: agreement          # agreement, uncertainty, learned or federated (the consortium's: needs quality_judge:)
 
 deployment:
   superlink: {superlink}   # the consortium server, HOST:PORT

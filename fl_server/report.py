@@ -375,9 +375,11 @@ def _round_title(round_number: int | None, glob: dict | None) -> str:
     if selection:
         parts.append(selection)
     judge = glob.get("quality_judge")
-    if isinstance(judge, dict):  # the consortium's quality judge was (re)trained before this round
+    if isinstance(judge, dict) and judge.get("trained", True):  # the consortium's judge was (re)trained
         parts.append(f"quality judge trained ({_fmt(judge.get('rounds'))} rounds, {_fmt(judge.get('sites'))} sites, "
                      f"loss {_fmt(_number(judge.get('loss')))})")
+    elif isinstance(judge, dict):
+        parts.append(f"quality judge NOT trained (too few sites trained it: {_fmt(judge.get('sites'))})")
     return ", ".join(parts)
 
 

@@ -143,3 +143,95 @@ def test_every_site_trains_the_judge_it_is_checkpointed_and_resumes(tmp_path):
         for name, value in checkpoints[3][key].items():
             torch.testing.assert_close(resumed[key][name], value, rtol=0, atol=0)
     assert [line for line in metric_lines(stopped) if line["kind"] == "judge"] == judge_lines
+
+
+class _JudgeGrid:
+    """A Grid whose nodes answer a judge round as scripted: node -> (site, weights value,
+    labelled count) or an error text; what collect_judge reads of a real reply."""
+
+    def __init__(self, script: dict):
+        self.script = script
+
+    def get_node_ids(self):
+        return list(self.script)
+
+    def send_and_receive(self, messages, timeout):
+        from types import SimpleNamespace
+
+        replies = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            answer = self.script[node]
+            if answer is None:  # never answers
+                continue
+            if isinstance(answer, str):
+                replies.append(SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: True,
+                                               error=SimpleNamespace(reason=answer)))
+                continue
+            site, value, count = answer
+            weights = {k: torch.full_like(v, value) if v.is_floating_point() else v.clone()
+                       for k, v in message.content["arrays"].to_torch_state_dict().items()}
+            content = {"site": {"name": site}, "metrics": {"num-examples": count, "judge_loss": 0.1},
+                       "arrays": SimpleNamespace(to_torch_state_dict=lambda w=weights: w)}
+            replies.append(SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: False,
+                                           content=content))
+        return replies
+
+
+def _strategy(tmp_path, min_sites=2, revoked=()):
+    import json
+
+    from fl_server.federation import ConsortiumStrategy
+    from shared.ledger import Ledger
+
+    cfg = load_consortium(_consortium(tmp_path))
+    cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, min_sites=min_sites, round_timeout=5),
+                              quality_judge=dataclasses.replace(cfg.quality_judge, rounds=1))
+    revoked_file = tmp_path / "revoked_sites.json"
+    revoked_file.write_text(json.dumps({site: "ecdsa-sha2-nistp384 AAAA" for site in revoked}))
+    strategy = ConsortiumStrategy(cfg, Ledger(), revoked_file=revoked_file)
+    strategy.node_sites = {1: "a", 2: "b", 3: "c", 4: "d", 5: "e", 6: "f"}
+    return strategy
+
+
+@pytest.fixture
+def plain_messages(monkeypatch):
+    """Messages as plain objects: a real flwr Message needs a running Flower run."""
+    from types import SimpleNamespace
+
+    from fl_server import federation
+
+    monkeypatch.setattr(federation, "Message", lambda content, message_type, dst_node_id: SimpleNamespace(
+        content=content, metadata=SimpleNamespace(dst_node_id=dst_node_id)))
+
+
+def test_only_sound_updates_of_enough_sites_train_the_judge(tmp_path, plain_messages):
+    start = initial_judge_state(1, seed=0)
+    lines = []
+    strategy = _strategy(tmp_path, revoked=("f",))
+    grid = _JudgeGrid({1: ("a", 1.0, 10.0), 2: ("b", 4.0, 30.0), 3: ("c", float("nan"), 10.0),
+                       4: ("d", 9.0, 0.0), 5: "site 'e': training (see site log, id 1234abcd)", 6: ("f", 50.0, 10.0)})
+    state, changed = strategy.train_judge(grid, 2, start, lines.append)
+    assert changed
+    floats = [k for k, v in state.items() if v.is_floating_point()]
+    for key in floats:  # a and b only, by labelled images: (1 x 10 + 4 x 30) / 40
+        torch.testing.assert_close(state[key], torch.full_like(state[key], 3.25))
+    statuses = {site: row["status"] for site, row in lines[0]["sites"].items()}
+    assert statuses == {"a": "ok", "b": "ok", "c": "rejected", "d": "rejected", "e": "failed", "f": "revoked"}
+    assert "not a positive count" in lines[0]["sites"]["d"]["reason"]
+
+    # one usable site is not the consortium: the judge stays as it was, and says so
+    (tmp_path / "alone").mkdir()
+    alone = _strategy(tmp_path / "alone")
+    kept, changed = alone.train_judge(_JudgeGrid({1: ("a", 1.0, 10.0), 2: None}), 2, start, lines.append)
+    assert not changed and all(torch.equal(kept[k], start[k]) for k in start)
+    assert lines[-1]["sites"]["b"]["status"] == "failed"
+
+
+def test_an_untrained_judge_is_not_sent_and_the_title_says_so(tmp_path):
+    from fl_server.report import round_table
+
+    lines = [{"kind": "site", "round": 2, "phase": "preference", "site": "a", "status": "ok", "train": {}, "eval": {}},
+             {"kind": "global", "round": 2, "phase": "preference",
+              "quality_judge": {"rounds": 1, "loss": None, "sites": 1, "trained": False}}]
+    assert "quality judge NOT trained (too few sites trained it: 1)" in round_table(lines).splitlines()[0]
