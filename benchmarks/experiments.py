@@ -898,6 +898,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="run directory (default: the preset's out, with -quick for --quick)")
     parser.add_argument("--report-only", action="store_true", help="build the tables from the finished runs; run nothing")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and write the configs of new ones; run nothing")
+    parser.add_argument("--arms", type=lambda text: set(text.split(",")),
+                        help="comma-separated arm names: only these are run; every other finished run is still "
+                             "reported (the tables stay whole)")
     return parser.parse_args(argv)
 
 
@@ -907,6 +910,11 @@ def main(argv=None) -> int:
         preset = load_preset(args.preset, quick=args.quick)
     except (PresetError, ConfigError) as exc:
         print(f"experiments: {exc}", file=sys.stderr)
+        return 2
+    unknown = sorted((args.arms or set()) - {arm.name for arm in preset.arms})
+    if unknown:
+        print(f"experiments: --arms: {', '.join(unknown)} not in {args.preset} (its arms: "
+              f"{', '.join(arm.name for arm in preset.arms)})", file=sys.stderr)
         return 2
     if args.out:
         preset.out = args.out.resolve()
@@ -961,11 +969,13 @@ def _run_grid(preset: Preset, args, command: str, say) -> int:
         if run.status == "stale" and args.dry_run:  # a dry run never deletes anything
             say(f"would discard {label}: its run folder was made with other settings than the preset's now")
             continue
-        if run.status == "stale" and not args.report_only:
+        # an arm left out by --arms is only reported: its folder is neither written nor discarded
+        writes = not args.report_only and (args.arms is None or arm.name in args.arms)
+        if run.status == "stale" and writes:
             say(f"discarding {label}: its run folder was made with other settings than the preset's now")
         # (re)write its configs; a stale folder is emptied first. A dry run writes only folders that do
         # not exist yet: the site YAMLs of a run in progress (another harness) are reloaded every round
-        if not args.report_only and not (args.dry_run and (run.folder / "spec.json").exists()):
+        if writes and not (args.dry_run and (run.folder / "spec.json").exists()):
             run, consortium = prepare_run(preset, task, arm, seed, base_ckpt or Path("base.pt"))
         if run.status == "stale":
             pending[label] = "its run folder was made with other settings than the preset's now"
@@ -978,6 +988,9 @@ def _run_grid(preset: Preset, args, command: str, say) -> int:
             if not complete and args.report_only:
                 if run.run_dir.exists():
                     pending[label] = f"stopped after round {_last_round(run.run_dir)} of {run.rounds}"
+                continue
+            if not complete and not writes:
+                pending[label] = "not run (--arms)"
                 continue
             if not complete:
                 say(f"run {label}: {run.rounds} preference rounds")

@@ -120,6 +120,11 @@ def test_tiny_grid_writes_table_csv_and_plots(tmp_path, capsys):
     assert experiments.main(["--preset", str(changed), "--out", str(out), "--dry-run"]) == 0
     assert "would discard lung/rn_dpo/seed3" in capsys.readouterr().out
     assert (run_folder / "run" / "checkpoints" / "round_002.pt").exists()
+    # --arms runs only the arms named: the changed rn_dpo is neither discarded nor run
+    assert experiments.main(["--preset", str(changed), "--out", str(out), "--arms", "nonesuch"]) == 2
+    assert experiments.main(["--preset", str(changed), "--out", str(out), "--arms", "base"]) == 0
+    assert (run_folder / "run" / "checkpoints" / "round_002.pt").exists()
+    assert "lung/rn_dpo/seed3 (its run folder was made with other settings" in (out / "results.md").read_text()
 
 
 # ----------------------------------------------------------------------------- median aggregation
