@@ -286,9 +286,15 @@ def _digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+# Top-level sections added later, at the value that means "absent": the consortium's quality
+# judge (`quality_judge: null`, no judge rounds) is every cached run's behaviour.
+SECTIONS_ADDED_LATER = {"quality_judge": None}
+
+
 def _identity(consortium: dict) -> dict:
     """The consortium dict without the later-added options that sit at their earlier behaviour."""
-    kept = {k: dict(v) if isinstance(v, dict) else v for k, v in consortium.items()}
+    kept = {k: dict(v) if isinstance(v, dict) else v for k, v in consortium.items()
+            if not (k in SECTIONS_ADDED_LATER and v == SECTIONS_ADDED_LATER[k])}
     for (section, key), default in OPTIONS_ADDED_LATER.items():
         if kept.get(section, {}).get(key, default) == default:
             kept.get(section, {}).pop(key, None)

@@ -242,6 +242,9 @@ def test_options_added_later_at_their_defaults_keep_cached_runs_valid():
     changed = dict(full, preference={**full["preference"], "reference": "base"})
     assert experiments._digest(experiments._identity(changed)) != experiments._digest(identity)
     assert experiments._identity(changed)["preference"]["reference"] == "base"
+    assert full["quality_judge"] is None and "quality_judge" not in identity  # no judge rounds: as before
+    judged = dict(full, quality_judge={"rounds": 3})
+    assert experiments._digest(experiments._identity(judged)) != experiments._digest(identity)
 
 
 def _record(arm: str, seed: int, last: float, headroom=(0.5, 0.7, 0.6)) -> dict:
