@@ -31,6 +31,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
+RAY_NICENESS = "RAY_worker_niceness"
+
+
 def main(argv=None) -> int:
     with ExitStack() as held:  # the run dir lock and our signal handler, until we return
         return _main(argv, held)
@@ -125,6 +128,10 @@ def run(cfg, sites, run_dir: Path, resume: bool, cpus: int, client_app=None, sto
           f"{cfg.preference.rounds} preference rounds -> {run_dir}", flush=True)
     # Sites train in parallel, one core each; their torch threads must not oversubscribe.
     os.environ["OMP_NUM_THREADS"] = "1"
+    # Ray starts its workers (here: the simulated sites, where all the training runs) at nice 15,
+    # so any other busy process on the machine starves the simulation (benchmarks/sim_under_load.py);
+    # RAY_worker_niceness is Ray's own setting for it: the sites run at fl-sim's priority instead
+    os.environ.setdefault(RAY_NICENESS, "0")
     if stop_hint is not None:
         _start_ray(cpus)  # ray.init takes SIGTERM for itself: our handler goes back after it
         stop_on_signals(stop_hint)

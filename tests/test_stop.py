@@ -34,8 +34,10 @@ ROUNDS = 3  # 1 supervised + 2 preference
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
-    return dict(os.environ, **FLOWER_ENV, FLWR_HOME=str(tmp_path / "flwr_home"), PYTHONUNBUFFERED="1",
-                OMP_NUM_THREADS="1")
+    env = dict(os.environ, **FLOWER_ENV, FLWR_HOME=str(tmp_path / "flwr_home"), PYTHONUNBUFFERED="1",
+               OMP_NUM_THREADS="1")
+    env.pop("RAY_worker_niceness", None)  # set in this process by in-process simulations of other tests
+    return env
 
 
 def _fl_sim(tmp_path: Path, *extra: str, name: str = "sim") -> subprocess.Popen:
@@ -172,8 +174,22 @@ def test_sigint_in_the_middle_of_a_round(tmp_path):
     # the sites are working on round 2 once they use CPU again
     _wait_for(proc, "sites at work in round 2",
               lambda: _sites_cpu_seconds(proc.pid) > busy + 0.5 or second.exists(), tmp_path)
+    # the sites run at fl-sim's priority, not at the nice 15 Ray gives its workers (a busy machine
+    # would starve them: benchmarks/sim_under_load.py)
+    assert _sites_niceness(proc.pid) == {0}
     line = _stop(proc, signal.SIGINT, tmp_path)
     assert _expect_hint(line, tmp_path) >= 1
+
+
+def _sites_niceness(pid: int) -> set[int]:
+    found = set()
+    for child in descendants(pid):
+        try:
+            if b"ClientAppActor" in Path(f"/proc/{child}/cmdline").read_bytes():
+                found.add(int(Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[16]))
+        except OSError:
+            continue
+    return found
 
 
 def test_ctrl_c_to_the_group_after_a_checkpoint_then_resume(tmp_path):
