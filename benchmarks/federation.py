@@ -181,8 +181,9 @@ def timed_client_app():
 # ----------------------------------------------------------------------------- 1. memory
 
 
-def tiny_consortium(folder: Path, rounds: int) -> Path:
-    """Two demo sites at 32 px, a tiny UNet, one step a round: 1 supervised + rounds-1 preference."""
+def tiny_consortium(folder: Path, rounds: int, supervised_steps: int = 2, preference_steps: int = 1) -> Path:
+    """Two demo sites at 32 px, a tiny UNet, one step a round (by default): 1 supervised +
+    rounds-1 preference."""
     for name in TINY_SITES:
         (folder / f"{name}.yaml").write_text(textwrap.dedent(f"""\
             name: {name}
@@ -201,10 +202,10 @@ def tiny_consortium(folder: Path, rounds: int) -> Path:
         run_dir: {folder / 'run'}
         seed: 3
         model: {{name: unet, channels: [8, 16, 32], strides: [2, 2], num_res_units: 1, dropout: 0.1}}
-        supervised: {{rounds: 1, steps: 2, lr: 0.01, batch_size: 4}}
+        supervised: {{rounds: 1, steps: {supervised_steps}, lr: 0.01, batch_size: 4}}
         preference:
           rounds: {rounds - 1}
-          steps: 1
+          steps: {preference_steps}
           batch_pairs: 4
           max_unlabeled: 8
           proposals: {{tta: [identity, hflip], mc_samples: 1, thresholds: [0.5]}}

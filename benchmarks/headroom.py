@@ -105,17 +105,10 @@ def main(argv=None) -> int:
                         help="both tables (default), or only the per-source or the per-strategy one")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    consortium = load_consortium(args.base / "consortium.yaml")
-    checkpoints = sorted((args.base / "run" / "checkpoints").glob("round_*.pt"))
-    if not checkpoints:
-        print(f"{args.base}: no checkpoint under run/checkpoints: train the base first", file=sys.stderr)
-        return 2
-    from shared.model import load_state
-
-    model = load_model(consortium.model, load_state(checkpoints[-1])).eval()
+    consortium, checkpoint, model = load_base(args.base)
     seed = consortium.seed
     data = {site.name: _frames(site, args.frames, seed) for site in map(load_site, consortium.sites)}
-    lines = [f"Base: `{args.base.name}` ({checkpoints[-1].name}); frames a site: "
+    lines = [f"Base: `{args.base.name}` ({checkpoint.name}); frames a site: "
              + ", ".join(f"{name} {len(d.names)}" for name, d in data.items())
              + f" (calibration + {args.frames} unlabelled); plausibility max_area_ratio {RATIO:g}.", ""]
 
@@ -123,12 +116,29 @@ def main(argv=None) -> int:
         lines += _source_table(model, data, seed)
     if args.part != "sources":
         lines += _mining_table(model, data, seed)
+    return print_tables(lines, args.out)
+
+
+def print_tables(lines: list[str], out: Path | None) -> int:
+    """Print the markdown lines and, with `out`, write them there too; exit code 0."""
     text = "\n".join(lines) + "\n"
     print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
     return 0
+
+
+def load_base(base: Path):
+    """A cached base of benchmarks/experiments.py: its consortium config, last checkpoint and
+    network (eval mode); exits with one line when it has no checkpoint yet."""
+    from shared.model import load_state
+
+    consortium = load_consortium(base / "consortium.yaml")
+    checkpoints = sorted((base / "run" / "checkpoints").glob("round_*.pt"))
+    if not checkpoints:
+        raise SystemExit(f"{base}: no checkpoint under run/checkpoints: train the base first")
+    return consortium, checkpoints[-1], load_model(consortium.model, load_state(checkpoints[-1])).eval()
 
 
 def _source_table(model, data: dict[str, SplitData], seed: int) -> list[str]:

@@ -33,13 +33,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from headroom import load_base, print_tables  # noqa: E402  (benchmarks/, this script's folder)
 from shared.aggregation import weighted_average  # noqa: E402
-from shared.config import QualityJudgeConfig, load_consortium, load_site  # noqa: E402
+from shared.config import QualityJudgeConfig, load_site  # noqa: E402
 from shared.data import load_site_data  # noqa: E402
 from shared.judge_training import consortium_judge, initial_judge_state, out_of_fold_proposals  # noqa: E402
 from shared.judges import AgreementJudge, UncertaintyJudge  # noqa: E402
-from shared.model import load_state  # noqa: E402
-from shared.site import load_model, model_from_config  # noqa: E402
+from shared.site import model_from_config  # noqa: E402
 from shared.training import calibration_reliability  # noqa: E402
 
 COLUMNS = ("spearman", "informative_pairs", "informative_pair_accuracy", "informative_wilson", "pair_accuracy",
@@ -55,12 +55,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=QualityJudgeConfig.steps, help="local steps a judge round")
     parser.add_argument("--out", type=Path, help="also write the table to this markdown file")
     args = parser.parse_args(argv)
-    cfg = load_consortium(args.base / "consortium.yaml")
-    checkpoints = sorted((args.base / "run" / "checkpoints").glob("round_*.pt"))
-    if not checkpoints:
-        print(f"{args.base}: no checkpoint under run/checkpoints: train the base first", file=sys.stderr)
-        return 2
-    model = load_model(cfg.model, load_state(checkpoints[-1])).eval()
+    cfg, checkpoint, model = load_base(args.base)
     quality = dataclasses.replace(cfg.quality_judge or QualityJudgeConfig(), fold_steps=args.fold_steps,
                                   rounds=args.rounds, steps=args.steps)
     sites = [load_site(path) for path in cfg.sites]
@@ -93,7 +88,7 @@ def main(argv=None) -> int:
         judges[name]["federated"] = consortium_judge(state, d["labeled"].images.shape[1], d["labeled"].images.shape[-1])
     print(f"judges trained: {time.perf_counter() - started:.0f} s", flush=True)
 
-    lines = [f"Base `{args.base.name}` ({checkpoints[-1].name}); calibration images: "
+    lines = [f"Base `{args.base.name}` ({checkpoint.name}); calibration images: "
              + ", ".join(f"{name} {len(d['calibration'].names)}" for name, d in data.items())
              + "; labelled: " + ", ".join(f"{name} {len(d['labeled'].names)}" for name, d in data.items())
              + f"; judges trained {quality.rounds} x {quality.steps} steps, out-of-fold segmenters "
@@ -108,12 +103,7 @@ def main(argv=None) -> int:
             cells = [kind, name] + [_cell(figures.get(key)) for key in COLUMNS]
             lines.append("| " + " | ".join(cells) + " |")
             print(lines[-1], flush=True)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    return 0
+    return print_tables(lines, args.out)
 
 
 def _cell(value) -> str:

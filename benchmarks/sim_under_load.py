@@ -18,39 +18,13 @@ import os
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "data" / "demo" / "lung_cxr"
-SITES = ("montgomery", "shenzhen_a")
+sys.path.insert(0, str(ROOT))
 
-
-def write_consortium(folder: Path, rounds: int) -> Path:
-    names = []
-    for name in SITES:
-        (folder / f"{name}.yaml").write_text(textwrap.dedent(f"""\
-            name: {name}
-            work_dir: {folder / 'work' / name}
-            image_size: 32
-            device: cpu
-            data:
-              source: {{images: {DEMO / name / 'images'}, masks: {DEMO / name / 'masks'}}}
-              split: {{labeled: 0.2, calibration: 0.15, unlabeled: 0.45, test: 0.2}}
-            judge: {{kind: agreement}}
-            """))
-        names.append(f"{name}.yaml")
-    path = folder / "consortium.yaml"
-    path.write_text(textwrap.dedent(f"""\
-        name: under-load
-        sites: {names}
-        run_dir: {folder / 'run'}
-        model: {{name: unet, channels: [8, 16, 32], strides: [2, 2], num_res_units: 1, dropout: 0.1}}
-        supervised: {{rounds: 1, steps: 30, lr: 0.01, batch_size: 4}}
-        preference: {{rounds: {rounds}, steps: 10, batch_pairs: 4}}
-        """))
-    return path
+from benchmarks.federation import tiny_consortium  # noqa: E402
 
 
 def site_niceness(pid: int) -> set[int]:
@@ -92,7 +66,7 @@ def main(argv=None) -> int:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
-            consortium = write_consortium(folder, args.rounds)
+            consortium = tiny_consortium(folder, args.rounds + 1, supervised_steps=30, preference_steps=10)
             results = {label: timed_run(consortium, folder / f"run-{label}", value)
                        for label, value in (("ray-default-15", "15"), ("fl-sim-default-0", "0"))}
     finally:

@@ -135,39 +135,9 @@ class ConsortiumStrategy:
         """Sort replies into accepted updates and failures/rejections, updating the ledger. A
         site whose key the operator revoked (``revoked_file``, read now: a revocation during
         the round counts) gets status ``revoked``: its update is dropped, and it keeps a row."""
-        outcomes: dict[str, SiteOutcome] = {}
-        answered = set()
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            answered.add(node)
-            if reply.has_error():
-                site, reason = _failure(reply.error.reason)
-                site = site or self.node_sites.get(node, f"node-{node}")
-                self.node_sites.setdefault(node, site)
-                outcomes[site] = SiteOutcome(site, "failed", reason)
-                continue
-            site = str(reply.content["site"]["name"])
-            self.node_sites[node] = site
-            train = {k: float(v) for k, v in reply.content["metrics"].items()}
-            state = reply.content["arrays"].to_torch_state_dict()
-            problem = update_problem(state, global_state)
-            if problem:
-                outcomes[site] = SiteOutcome(site, "rejected", problem, train)
-            else:
-                outcomes[site] = SiteOutcome(site, "ok", train=train, state=state)
-        for message in sent:
-            node = message.metadata.dst_node_id
-            if node not in answered:  # a site that answered from another node (a new key) keeps its reply
-                site = self.node_sites.get(node, f"node-{node}")
-                outcomes.setdefault(site, SiteOutcome(site, "failed", f"no reply within {self.cfg.federation.round_timeout:g} s"))
+        outcomes = self._sort_replies(sent, replies, global_state)
         self._mark_revoked(server_round, outcomes)
-
-        accepted = {s: o for s, o in outcomes.items() if o.status == "ok"}
-        norms = {s: update_norm(o.state, global_state) for s, o in accepted.items()}
-        for site in norm_outliers(norms, self.cfg.aggregation.norm_outlier_factor):
-            outcomes[site].status, outcomes[site].state = "rejected", None
-            outcomes[site].reason = f"update norm {norms[site]:.3g} is an outlier (median {sorted(norms.values())[len(norms) // 2]:.3g})"
-
+        self._reject_outliers(outcomes, global_state)
         for site, outcome in outcomes.items():
             if outcome.status in ("failed", "rejected", "revoked"):
                 log.warning("round %d: %s %s: %s", server_round, site, outcome.status, outcome.reason)
@@ -209,7 +179,25 @@ class ConsortiumStrategy:
         return judge_state, changed
 
     def collect_judge(self, sent: list[Message], replies: Iterable[Message], judge_state: dict) -> dict[str, SiteOutcome]:
-        """A judge round's replies as outcomes: ok (with the update), failed, rejected or revoked."""
+        """A judge round's replies as outcomes: ok (with the update), failed, rejected or revoked; an
+        update is weighed by its labelled count, which must be a positive number."""
+        outcomes = self._sort_replies(sent, replies, judge_state)
+        for site in read_revoked(self.revoked_file) & set(outcomes):
+            outcomes[site] = SiteOutcome(site, "revoked", "key revoked by the operator (fl-server revoke)")
+        for outcome in outcomes.values():
+            examples = outcome.train.get("num-examples", 0.0)
+            if outcome.status == "ok" and not (math.isfinite(examples) and examples > 0):
+                outcome.status, outcome.state = "rejected", None
+                outcome.reason = f"num-examples {examples:g} is not a positive count"
+        self._reject_outliers(outcomes, judge_state)
+        for site, outcome in outcomes.items():
+            if outcome.status != "ok":
+                log.warning("quality judge: %s %s: %s", site, outcome.status, outcome.reason)
+        return outcomes
+
+    def _sort_replies(self, sent: list[Message], replies: Iterable[Message], reference: dict) -> dict[str, SiteOutcome]:
+        """Each reply as an outcome, by site: ok (with its update), rejected (wrong shapes, NaN/Inf
+        against `reference`) or failed (an error, or no reply within round_timeout)."""
         outcomes: dict[str, SiteOutcome] = {}
         answered = set()
         for reply in replies:
@@ -218,32 +206,30 @@ class ConsortiumStrategy:
             if reply.has_error():
                 site, reason = _failure(reply.error.reason)
                 site = site or self.node_sites.get(node, f"node-{node}")
+                self.node_sites.setdefault(node, site)
                 outcomes[site] = SiteOutcome(site, "failed", reason)
                 continue
             site = str(reply.content["site"]["name"])
             self.node_sites[node] = site
             train = {k: float(v) for k, v in reply.content["metrics"].items()}
             state = reply.content["arrays"].to_torch_state_dict()
-            examples = train.get("num-examples", 0.0)
-            problem = update_problem(state, judge_state) or (
-                None if math.isfinite(examples) and examples > 0 else f"num-examples {examples:g} is not a positive count")
-            outcomes[site] = SiteOutcome(site, "rejected", problem, train) if problem else \
-                SiteOutcome(site, "ok", train=train, state=state)
+            problem = update_problem(state, reference)
+            outcomes[site] = (SiteOutcome(site, "rejected", problem, train) if problem
+                              else SiteOutcome(site, "ok", train=train, state=state))
         for message in sent:
-            if message.metadata.dst_node_id not in answered:
-                site = self.node_sites.get(message.metadata.dst_node_id, f"node-{message.metadata.dst_node_id}")
+            node = message.metadata.dst_node_id
+            if node not in answered:  # a site that answered from another node (a new key) keeps its reply
+                site = self.node_sites.get(node, f"node-{node}")
                 outcomes.setdefault(site, SiteOutcome(site, "failed", f"no reply within {self.cfg.federation.round_timeout:g} s"))
-        for site in read_revoked(self.revoked_file) & set(outcomes):
-            outcomes[site] = SiteOutcome(site, "revoked", "key revoked by the operator (fl-server revoke)")
+        return outcomes
+
+    def _reject_outliers(self, outcomes: dict[str, SiteOutcome], reference: dict) -> None:
+        """Reject the accepted updates whose norm (distance to `reference`) is an outlier."""
         accepted = {s: o for s, o in outcomes.items() if o.status == "ok"}
-        norms = {s: update_norm(o.state, judge_state) for s, o in accepted.items()}
+        norms = {s: update_norm(o.state, reference) for s, o in accepted.items()}
         for site in norm_outliers(norms, self.cfg.aggregation.norm_outlier_factor):
             outcomes[site].status, outcomes[site].state = "rejected", None
-            outcomes[site].reason = f"update norm {norms[site]:.3g} is an outlier"
-        for site, outcome in outcomes.items():
-            if outcome.status != "ok":
-                log.warning("quality judge: %s %s: %s", site, outcome.status, outcome.reason)
-        return outcomes
+            outcomes[site].reason = f"update norm {norms[site]:.3g} is an outlier (median {sorted(norms.values())[len(norms) // 2]:.3g})"
 
     def _mark_revoked(self, server_round: int, outcomes: dict[str, SiteOutcome]) -> None:
         """Status ``revoked`` (no update, weight 0) for every revoked site this run knows: one
