@@ -181,7 +181,8 @@ def timed_client_app():
 # ----------------------------------------------------------------------------- 1. memory
 
 
-def tiny_consortium(folder: Path, rounds: int, supervised_steps: int = 2, preference_steps: int = 1) -> Path:
+def tiny_consortium(folder: Path, rounds: int, supervised_steps: int = 2, preference_steps: int = 1,
+                    round_timeout: float = 120) -> Path:
     """Two demo sites at 32 px, a tiny UNet, one step a round (by default): 1 supervised +
     rounds-1 preference."""
     for name in TINY_SITES:
@@ -210,7 +211,7 @@ def tiny_consortium(folder: Path, rounds: int, supervised_steps: int = 2, prefer
           max_unlabeled: 8
           proposals: {{tta: [identity, hflip], mc_samples: 1, thresholds: [0.5]}}
         aggregation: {{kind: reliability}}
-        federation: {{min_sites: 2, round_timeout: 120}}
+        federation: {{min_sites: 2, round_timeout: {round_timeout}}}
         """))
     return consortium
 

@@ -45,15 +45,17 @@ def timed_run(consortium: Path, run_dir: Path, niceness: str) -> tuple[float, se
                FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
                FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
     started = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "fl_sim", "--consortium", str(consortium), "--run-dir",
-                             str(run_dir), "--cpus", "2"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = run_dir.parent / f"{run_dir.name}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "fl_sim", "--consortium", str(consortium), "--run-dir",
+                                 str(run_dir), "--cpus", "2"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     seen: set[int] = set()
     while proc.poll() is None:
         seen |= site_niceness(proc.pid)
         time.sleep(0.5)
     if proc.returncode != 0:
-        raise SystemExit(f"fl-sim failed ({proc.returncode}) with RAY_worker_niceness={niceness}")
+        tail = log.read_text(errors="replace").strip().splitlines()[-5:]
+        raise SystemExit(f"fl-sim failed ({proc.returncode}) with RAY_worker_niceness={niceness}:\n" + "\n".join(tail))
     return time.monotonic() - started, seen
 
 
@@ -66,7 +68,8 @@ def main(argv=None) -> int:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
-            consortium = tiny_consortium(folder, args.rounds + 1, supervised_steps=30, preference_steps=10)
+            consortium = tiny_consortium(folder, args.rounds + 1, supervised_steps=30, preference_steps=10,
+                                         round_timeout=3600)  # a starved round must still finish
             results = {label: timed_run(consortium, folder / f"run-{label}", value)
                        for label, value in (("ray-default-15", "15"), ("fl-sim-default-0", "0"))}
     finally:
