@@ -235,3 +235,23 @@ def test_an_untrained_judge_is_not_sent_and_the_title_says_so(tmp_path):
              {"kind": "global", "round": 2, "phase": "preference",
               "quality_judge": {"rounds": 1, "loss": None, "sites": 1, "trained": False}}]
     assert "quality judge NOT trained (too few sites trained it: 1)" in round_table(lines).splitlines()[0]
+
+
+def test_fl_client_local_trains_the_judge_at_the_one_site_and_says_when_it_cannot(tmp_path, capsys):
+    from fl_client import cli as client
+
+    consortium = _consortium(tmp_path, montgomery="{kind: federated}")
+    site = tmp_path / "montgomery.yaml"
+    code = client.main(["local", "--site", str(site), "--consortium", str(consortium), "--rounds", "1"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    row = next(line for line in out.splitlines() if line.split()[:2] == ["2", "preference"])
+    assert len(row.split()) == 11  # the calibration figures of a round scored with the trained judge
+    assert (tmp_path / "work" / "montgomery" / OOF_FILE).is_file()
+
+    tiny = consortium.read_text().replace("folds: 2", "folds: 200")  # more folds than labelled images
+    consortium.write_text(tiny)
+    code = client.main(["local", "--site", str(site), "--consortium", str(consortium), "--rounds", "1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "Traceback" not in err
+    assert err.startswith(f"fl-client: {site}: the quality judge cannot be trained here: ")
