@@ -386,18 +386,23 @@ def _simulate(consortium: Path, run_dir: Path, total_rounds: int, cpus: int, tim
     return True, wall, ""
 
 
+def base_digest(consortium: dict, sites: list[dict]) -> str:
+    """What decides a supervised base: not the preference settings (0 rounds of them) nor the quality
+    judge (trained before preference rounds only), nor the sites' judges and folders, nor an option added later at its earlier behaviour (site options
+    too: `min_images` once made every cached base look changed), so that cached bases stay valid."""
+    return _digest({"consortium": {k: v for k, v in _identity(consortium).items()
+                                   if k not in ("run_dir", "name", "sites", "preference", "quality_judge")},
+                    "sites": [{k: v for k, v in _site_identity(s).items() if k not in ("judge", "work_dir")}
+                              for s in sites]})
+
+
 def ensure_base(preset: Preset, task: Task, seed: int, bases: Path, say) -> tuple[Path, Path]:
     """Train (or reuse) the supervised base of a task and seed; returns (its run dir, last checkpoint)."""
     consortium = consortium_dict(task, seed, None)
     consortium["preference"]["rounds"] = 0
     consortium["base_checkpoint"] = None
     sites = site_dicts(task, seed)
-    # what decides a supervised base: not the preference settings (0 rounds of them), so that an
-    # option added to those later keeps every cached base
-    key = {"consortium": {k: v for k, v in _identity(consortium).items()
-                          if k not in ("run_dir", "name", "sites", "preference")},
-           "sites": [{k: v for k, v in s.items() if k not in ("judge", "work_dir")} for s in sites]}
-    folder = bases / f"{task.name}-seed{seed}-{_digest(key)}"
+    folder = bases / f"{task.name}-seed{seed}-{base_digest(consortium, sites)}"
     rounds = int(consortium["supervised"]["rounds"])
     if rounds < 1:
         raise PresetError(f"{preset.file}: tasks.{task.name}: supervised.rounds must be >= 1 to train the base")

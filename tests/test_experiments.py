@@ -245,6 +245,11 @@ def test_options_added_later_at_their_defaults_keep_cached_runs_valid():
     assert full["quality_judge"] is None and "quality_judge" not in identity  # no judge rounds: as before
     judged = dict(full, quality_judge={"rounds": 3})
     assert experiments._digest(experiments._identity(judged)) != experiments._digest(identity)
+    site = {"name": "a", "image_size": 64, "judge": {"kind": "oracle"}, "work_dir": "w"}
+    base = experiments.base_digest(full, [site])
+    assert experiments.base_digest(full, [dict(site, min_images=5)]) == base  # a cached base stays valid
+    assert experiments.base_digest(judged, [site]) == base  # and the judge settings do not decide a base
+    assert experiments.base_digest(full, [dict(site, image_size=128)]) != base
 
 
 def _record(arm: str, seed: int, last: float, headroom=(0.5, 0.7, 0.6)) -> dict:
