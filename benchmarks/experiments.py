@@ -55,6 +55,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fl_server.run_dir import ADDED_LATER  # noqa: E402
 from shared.config import ConfigError, load_consortium, load_site, to_dict  # noqa: E402
 
 PRESET_KEYS = {"name", "seeds", "cpus", "out", "tasks", "arm_defaults", "arms", "quick", "timeout_s"}
@@ -286,9 +287,10 @@ def _digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-# Top-level sections added later, at the value that means "absent": the consortium's quality
-# judge (`quality_judge: null`, no judge rounds) is every cached run's behaviour.
-SECTIONS_ADDED_LATER = {"quality_judge": None}
+# Top-level sections added later, at the value that means "absent" (the consortium's quality
+# judge, `quality_judge: null`: no judge rounds): the server's own list, which keeps such runs
+# resumable, keeps cached runs valid here too.
+SECTIONS_ADDED_LATER = ADDED_LATER
 
 
 def _identity(consortium: dict) -> dict:

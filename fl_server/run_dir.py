@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from shared.checkpoints import save_atomically
 from shared.config import ConsortiumConfig, to_dict, to_yaml
 from shared.ledger import Ledger
 from shared.selection import Selection
@@ -126,9 +127,9 @@ class RunDir:
             payload = {"round": round_number, "state_dict": state, "ledger": ledger.to_dict(),
                        "config_hash": cfg_hash, "selection": selection.to_dict(), "calib_dice": calib_dice,
                        "judge_state": judge_state}
-            _atomic_save(payload, self.checkpoint(round_number))
+            save_atomically(payload, self.checkpoint(round_number))
             if selection.best_round == round_number:
-                _atomic_save(payload, self.best)
+                save_atomically(payload, self.best)
 
     @property
     def best(self) -> Path:
@@ -148,7 +149,7 @@ class RunDir:
         saved = torch.load(self.best, map_location="cpu", weights_only=True) if self.best.exists() else {}
         if saved.get("round") != selection.best_round:
             with SAVING:
-                _atomic_save(best, self.best)
+                save_atomically(best, self.best)
         return selection, best["state_dict"] if selection.rolled_back else state
 
     def start_state(self, round_number: int) -> dict:
@@ -235,12 +236,6 @@ def _changed_keys(saved: Path, cfg: ConsortiumConfig) -> list[str]:
     new = to_dict(cfg)
     old.pop("run_dir", None), new.pop("run_dir", None)
     return diff(old, new, "")
-
-
-def _atomic_save(payload: dict, target: Path) -> None:
-    tmp = target.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, target)
 
 
 def _atomic_write(path: Path, text: str) -> None:

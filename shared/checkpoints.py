@@ -9,7 +9,9 @@ here too: from disk only, never downloaded.
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -163,3 +165,19 @@ def load_backbone(model: torch.nn.Module, path, where: str) -> None:
         raise ConfigError(f"{where}: {path}: {extra[0]!r} {_shape(state[extra[0]])} is not in the "
                           f"{type(encoder).__name__} backbone ({len(extra)} such keys)")
     encoder.load_state_dict(kept, strict=False)
+
+
+def save_atomically(payload, path: Path) -> Path:
+    """``torch.save`` to a temporary file beside ``path``, then rename: a reader (a resumed run, the
+    next round's fresh process) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

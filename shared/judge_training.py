@@ -20,19 +20,21 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
+import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 
+from shared.checkpoints import save_atomically
 from shared.config import ProposalConfig, QualityJudgeConfig, SupervisedConfig, to_dict
 from shared.data import SplitData
 from shared.judges.learned import LearnedJudge, QualityNet, out_of_fold_indices
 from shared.proposals import generate_proposals, proposal_labels
 
 OOF_FILE = "judge_oof.pt"
+
+log = logging.getLogger(__name__)
 
 
 def initial_judge_state(in_channels: int, seed: int) -> dict[str, torch.Tensor]:
@@ -83,20 +85,13 @@ def cached_out_of_fold_proposals(work_dir: Path, labeled: SplitData, model_facto
     if path.is_file():
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a foreign or damaged file: it is only a cache
+            log.warning("%s unreadable (%s): the out-of-fold proposals are made again", path, type(exc).__name__)
+        else:
             if saved.get("key") == key:
                 return saved["masks"]
-        except Exception:  # a file cut short: make it again
-            pass
     masks = out_of_fold_proposals(labeled, model_factory, fold_training, proposals_cfg, folds, device, seed, progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{OOF_FILE}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"key": key, "masks": masks}, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_atomically({"key": key, "masks": masks}, path)
     return masks
 
 

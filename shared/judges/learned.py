@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -267,15 +266,9 @@ class LearnedJudge:
             "state_dict": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
             "stats": dict(self.stats),
         }
-        fd, tmp = tempfile.mkstemp(prefix=f".{JUDGE_FILE}.", suffix=".tmp", dir=work_dir)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        from shared.checkpoints import save_atomically
+
+        return save_atomically(payload, path)
 
     @classmethod
     def load(
