@@ -55,7 +55,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fl_server.run_dir import ADDED_LATER  # noqa: E402
+from fl_server.run_dir import ADDED_LATER, OPTIONS_ADDED_LATER as SERVER_OPTIONS_ADDED_LATER  # noqa: E402
 from shared.config import ConfigError, load_consortium, load_site, to_dict  # noqa: E402
 
 PRESET_KEYS = {"name", "seeds", "cpus", "out", "tasks", "arm_defaults", "arms", "quick", "timeout_s"}
@@ -275,7 +275,8 @@ OPTIONS_ADDED_LATER = {("preference", "reference"): "round", ("aggregation", "kr
                        ("selection", "rollback_margin"): None, ("selection", "rollback_phases"): ["preference"],
                        ("model", "args"): {}, ("model", "pretrained_weights"): None,
                        ("aggregation", "statistic"): "ema_point", ("aggregation", "informative_gap"): 0.05,
-                       ("aggregation", "outcome_margin"): 0.01, ("aggregation", "outcome_rounds"): 2}
+                       ("aggregation", "outcome_margin"): 0.01, ("aggregation", "outcome_rounds"): 2,
+                       **SERVER_OPTIONS_ADDED_LATER}
 
 
 # Site options added later, likewise: `min_images` (no figure from fewer images leaves a site) at

@@ -1,7 +1,8 @@
 """Every judge on the same proposals of the same base, one table (prints figures; not a test).
 
     python benchmarks/judges.py --base runs/experiments/signal/bases/polyp-seed0-<digest>
-                                [--fold-steps 600] [--rounds 3] [--steps 100] [--out FILE.md]
+                                [--fold-steps 600] [--rounds 3] [--steps 100] [--rank-weight 0]
+                                [--cache DIR] [--out FILE.md]
 
 On a cached supervised base of `benchmarks/experiments.py` (its `consortium.yaml`, `sites/` and
 last checkpoint) this measures, at every training site, on its calibration split, with the
@@ -20,6 +21,9 @@ steps on k-1 folds of each site's labelled split) and the same number of steps p
 only difference between them is whose labels taught them. The within-image Spearman, the
 informative pairs (true-Dice gap >= the consortium's informative_gap, both masks plausible), their
 accuracy and Wilson bound, and the Dice of each judge's pick against identity and best-of-K.
+`--rank-weight` adds the within-image ranking term to both learned judges' training; `--cache DIR`
+keeps each site's out-of-fold proposals there (`DIR/<site>/judge_oof.pt`, the sites' own cache), so
+a second run with other judge settings skips the segmenters.
 """
 
 from __future__ import annotations
@@ -35,9 +39,10 @@ sys.path.insert(0, str(ROOT))
 
 from headroom import load_base, print_tables  # noqa: E402  (benchmarks/, this script's folder)
 from shared.aggregation import weighted_average  # noqa: E402
-from shared.config import QualityJudgeConfig, load_site  # noqa: E402
+from shared.config import QualityJudgeConfig, load_site, to_dict  # noqa: E402
 from shared.data import load_site_data  # noqa: E402
-from shared.judge_training import consortium_judge, initial_judge_state, out_of_fold_proposals  # noqa: E402
+from shared.judge_training import (  # noqa: E402
+    cached_out_of_fold_proposals, consortium_judge, initial_judge_state, out_of_fold_proposals)
 from shared.judges import AgreementJudge, UncertaintyJudge  # noqa: E402
 from shared.site import model_from_config  # noqa: E402
 from shared.training import calibration_reliability  # noqa: E402
@@ -53,18 +58,19 @@ def main(argv=None) -> int:
                         help="steps of each out-of-fold segmenter (default: quality_judge's default)")
     parser.add_argument("--rounds", type=int, default=QualityJudgeConfig.rounds, help="judge rounds (federated)")
     parser.add_argument("--steps", type=int, default=QualityJudgeConfig.steps, help="local steps a judge round")
+    parser.add_argument("--rank-weight", type=float, default=QualityJudgeConfig.rank_weight,
+                        help="weight of the within-image ranking term of both learned judges")
+    parser.add_argument("--cache", type=Path, help="keep the out-of-fold proposals here, per site")
     parser.add_argument("--out", type=Path, help="also write the table to this markdown file")
     args = parser.parse_args(argv)
     cfg, checkpoint, model = load_base(args.base)
     quality = dataclasses.replace(cfg.quality_judge or QualityJudgeConfig(), fold_steps=args.fold_steps,
-                                  rounds=args.rounds, steps=args.steps)
+                                  rounds=args.rounds, steps=args.steps, rank_weight=args.rank_weight)
     sites = [load_site(path) for path in cfg.sites]
     data = {site.name: load_site_data(site, splits=("labeled", "calibration")) for site in sites}
     started = time.perf_counter()
     fold_training = dataclasses.replace(cfg.supervised, steps=quality.fold_steps)
-    oof = {name: out_of_fold_proposals(d["labeled"], lambda: model_from_config(cfg.model), fold_training,
-                                       cfg.preference.proposals, quality.folds, "cpu", quality.seed)
-           for name, d in data.items()}
+    oof = {name: _out_of_fold(args.cache, name, d["labeled"], cfg, fold_training, quality) for name, d in data.items()}
     print(f"out-of-fold proposals: {time.perf_counter() - started:.0f} s", flush=True)
 
     judges = {name: {"agreement": AgreementJudge(), "uncertainty": UncertaintyJudge()} for name in data}
@@ -72,7 +78,8 @@ def main(argv=None) -> int:
         local = consortium_judge(initial_judge_state(d["labeled"].images.shape[1], quality.seed),
                                  d["labeled"].images.shape[1], d["labeled"].images.shape[-1])
         local.fit(d["labeled"].images, d["labeled"].masks, oof[name], steps=quality.rounds * quality.steps,
-                  lr=quality.lr, batch_size=quality.batch_size, holdout=0.0, draw_seed=1)
+                  lr=quality.lr, batch_size=quality.batch_size, holdout=0.0, draw_seed=1,
+                  rank_weight=quality.rank_weight)
         judges[name]["learned"] = local
     state = initial_judge_state(cfg.model.in_channels, quality.seed)
     for judge_round in range(1, quality.rounds + 1):  # the server's judge rounds, in process
@@ -80,7 +87,8 @@ def main(argv=None) -> int:
         for name, d in data.items():
             judge = consortium_judge(state, d["labeled"].images.shape[1], d["labeled"].images.shape[-1])
             judge.fit(d["labeled"].images, d["labeled"].masks, oof[name], steps=quality.steps, lr=quality.lr,
-                      batch_size=quality.batch_size, holdout=0.0, draw_seed=judge_round)
+                      batch_size=quality.batch_size, holdout=0.0, draw_seed=judge_round,
+                      rank_weight=quality.rank_weight)
             updates.append({k: v.detach().clone() for k, v in judge.net.state_dict().items()})
             counts.append(len(d["labeled"].names))
         state = weighted_average(updates, counts)
@@ -92,7 +100,7 @@ def main(argv=None) -> int:
              + ", ".join(f"{name} {len(d['calibration'].names)}" for name, d in data.items())
              + "; labelled: " + ", ".join(f"{name} {len(d['labeled'].names)}" for name, d in data.items())
              + f"; judges trained {quality.rounds} x {quality.steps} steps, out-of-fold segmenters "
-               f"{quality.folds} x {quality.fold_steps} steps.", "",
+               f"{quality.folds} x {quality.fold_steps} steps, ranking term weight {quality.rank_weight:g}.", "",
              "| judge | site | within-image Spearman | informative pairs | informative pair acc. | Wilson bound | "
              "pair acc. (mined) | identity | best-of-K | pick |", "|---|---|---|---|---|---|---|---|---|---|"]
     for kind in ("federated", "learned", "agreement", "uncertainty"):
@@ -104,6 +112,17 @@ def main(argv=None) -> int:
             lines.append("| " + " | ".join(cells) + " |")
             print(lines[-1], flush=True)
     return print_tables(lines, args.out)
+
+
+def _out_of_fold(cache: Path | None, site: str, labeled, cfg, fold_training, quality):
+    """The site's out-of-fold proposals, made again, or kept in ``cache/<site>`` when given."""
+    model_factory = lambda: model_from_config(cfg.model)  # noqa: E731
+    if cache is None:
+        return out_of_fold_proposals(labeled, model_factory, fold_training, cfg.preference.proposals, quality.folds,
+                                     "cpu", quality.seed)
+    (cache / site).mkdir(parents=True, exist_ok=True)
+    return cached_out_of_fold_proposals(cache / site, labeled, model_factory, {"model": to_dict(cfg.model)},
+                                        fold_training, cfg.preference.proposals, quality.folds, "cpu", quality.seed)
 
 
 def _cell(value) -> str:

@@ -74,6 +74,8 @@ def _holder(lock: Path) -> str:
 # top-level settings added after runs were made with this code: left out of the fingerprint while
 # at their default, so that a run made before a setting existed still resumes
 ADDED_LATER = {"quality_judge": None}
+# options added later inside a section, likewise: (section, option) -> the value that behaves as before
+OPTIONS_ADDED_LATER = {("quality_judge", "rank_weight"): 0.0}
 
 
 def config_hash(cfg: ConsortiumConfig) -> str:
@@ -83,6 +85,9 @@ def config_hash(cfg: ConsortiumConfig) -> str:
     for key, default in ADDED_LATER.items():
         if settings.get(key) == default:
             settings.pop(key, None)
+    for (section, key), default in OPTIONS_ADDED_LATER.items():
+        if isinstance(settings.get(section), dict) and settings[section].get(key, default) == default:
+            settings[section].pop(key, None)
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 

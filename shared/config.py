@@ -130,6 +130,8 @@ class JudgeConfig:
     # optimizer steps when it is (re)trained on the labelled split
     train_steps: int = field(default=300, metadata=_positive)
     folds: int = field(default=3, metadata=_check(lambda v: v >= 2, "must be >= 2"))
+    # weight of the within-image ranking term next to the Dice regression (0: regression alone)
+    rank_weight: float = field(default=0.0, metadata=_non_negative)
 
 
 @dataclass(frozen=True)
@@ -322,6 +324,9 @@ class QualityJudgeConfig:
     folds: int = field(default=3, metadata=_check(lambda v: v >= 2, "must be >= 2"))
     fold_steps: int = field(default=200, metadata=_positive)
     refresh_every: int = field(default=0, metadata=_non_negative)
+    # weight of the within-image ranking term next to the Dice regression (0: regression alone;
+    # shared.judges.learned.rank_loss): what a site asks of its judge is the order of one image's masks
+    rank_weight: float = field(default=0.0, metadata=_non_negative)
     seed: int = 0
 
 

@@ -106,6 +106,6 @@ def judge_round(state: Mapping[str, torch.Tensor], labeled: SplitData, model_fac
                                        proposals_cfg, cfg.folds, device, cfg.seed, progress)
     judge = consortium_judge(state, labeled.images.shape[1], labeled.images.shape[-1])
     stats = judge.fit(labeled.images, labeled.masks, oof, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
-                      device=device, holdout=0.0, draw_seed=seed)
+                      device=device, holdout=0.0, draw_seed=seed, rank_weight=cfg.rank_weight)
     weights = {k: v.detach().cpu() for k, v in judge.net.state_dict().items()}
     return weights, {"judge_loss": stats["final_loss"], "judge_steps": float(cfg.steps)}

@@ -291,16 +291,25 @@ def prepare_learned_judge(judge_cfg: JudgeConfig, work_dir, labeled: SplitData, 
 
     k segmenters, each trained on k-1 folds of the labelled split, propose masks for the fold
     they never saw (DESIGN.md: in-sample proposals are near perfect and teach the judge nothing).
+    A saved judge trained with other settings (steps, folds, ranking term, seed) is trained again;
+    one saved before its settings were recorded is kept.
     """
     from shared.judge_training import out_of_fold_proposals
     from shared.judges.learned import JUDGE_FILE, LearnedJudge
 
+    settings = {"train_steps": judge_cfg.train_steps, "folds": judge_cfg.folds, "rank_weight": judge_cfg.rank_weight,
+                "seed": judge_cfg.seed}
     if (Path(work_dir) / JUDGE_FILE).exists():  # trained in an earlier round
-        return LearnedJudge.load(work_dir, in_channels=labeled.images.shape[1], image_size=labeled.images.shape[-1])
+        saved = LearnedJudge.load(work_dir, in_channels=labeled.images.shape[1], image_size=labeled.images.shape[-1])
+        if saved.stats.get("settings", settings) == settings:
+            return saved
+        log.info("learned judge at %s was trained with other settings: trained again", work_dir)
     _require_masks(labeled, "labeled")
     oof = out_of_fold_proposals(labeled, model_factory, supervised, proposals_cfg, judge_cfg.folds, device, seed, progress)
     judge = LearnedJudge(in_channels=labeled.images.shape[1], image_size=labeled.images.shape[-1], seed=judge_cfg.seed)
-    stats = judge.fit(labeled.images, labeled.masks, oof, steps=judge_cfg.train_steps, device=device)
+    stats = judge.fit(labeled.images, labeled.masks, oof, steps=judge_cfg.train_steps, device=device,
+                      rank_weight=judge_cfg.rank_weight)
+    judge.stats["settings"] = settings
     judge.save(work_dir)
     log.info("learned judge trained at %s: %s", work_dir, stats)
     return judge

@@ -64,6 +64,13 @@ def test_runs_made_before_quality_judge_existed_keep_their_fingerprint(tmp_path)
     before.pop("run_dir"), before.pop("quality_judge")
     assert config_hash(cfg) == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
     assert config_hash(dataclasses.replace(cfg, quality_judge=QualityJudgeConfig())) != config_hash(cfg)
+    # a run made with a quality judge before its ranking term existed: the term at 0 hashes as before
+    judged = dataclasses.replace(cfg, quality_judge=QualityJudgeConfig())
+    before = to_dict(judged)
+    before.pop("run_dir"), before["quality_judge"].pop("rank_weight")
+    assert config_hash(judged) == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
+    ranked = dataclasses.replace(judged, quality_judge=QualityJudgeConfig(rank_weight=1.0))
+    assert config_hash(ranked) != config_hash(judged)
 
 
 def _labeled(n=6, size=32, seed=0) -> SplitData:
@@ -99,6 +106,10 @@ def test_a_judge_round_trains_the_received_weights_and_keeps_its_proposals_at_th
     assert any(not torch.equal(other[k], state[k]) for k in state if state[k].is_floating_point())
     judge_round(received, _labeled(n=7), *args, tmp_path / "work", "cpu", seed=1)
     assert made == [1]  # a changed labelled split makes them again
+    ranked = (factory, {"model": "tiny"}, dataclasses.replace(quality, rank_weight=1.0)) + args[3:]
+    with_ranking, _ = judge_round(received, labeled, *ranked, tmp_path / "work", "cpu", seed=1)
+    assert made == [1, 1]  # (the split changed back)
+    assert any(not torch.equal(with_ranking[k], state[k]) for k in state if state[k].is_floating_point())
 
 
 def test_the_consortium_judge_scores_with_the_weights_it_was_given():

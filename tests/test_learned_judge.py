@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from shared.judges.learned import JUDGE_FILE, LearnedJudge, QualityNet, out_of_fold_indices, pair_accuracy
+from shared.judges.learned import JUDGE_FILE, LearnedJudge, QualityNet, out_of_fold_indices, pair_accuracy, rank_loss
 from shared.perturb import mask_dice, perturb_masks
 
 
@@ -212,6 +212,38 @@ def test_fit_with_out_of_fold_proposals_is_reproducible():
     assert b.fit(images, truth, oof, steps=1, holdout=0.0)["holdout_spearman"] is None  # nothing held out
     with pytest.raises(ValueError, match=r"oof_masks must be \(N, K, H, W\) = \(12, K, 32, 32\)"):
         a.fit(images, truth, oof[:5], steps=1)
+
+
+def test_rank_loss_by_hand():
+    import torch.nn.functional as F
+
+    scores = torch.tensor([[2.0, 0.0, 1.0], [0.0, 3.0, 3.0]], requires_grad=True)
+    truth = torch.tensor([[0.9, 0.5, 0.5], [0.7, 0.7, 0.705]])  # row 2: differences under the 0.01 margin
+    loss = rank_loss(scores, truth)
+    # row 1: mask 0 truly beats masks 1 and 2 (scores 2 - 0 and 2 - 1); masks 1 and 2 tie
+    expected = (F.softplus(torch.tensor(-2.0)) + F.softplus(torch.tensor(-1.0))) / 2
+    assert loss.item() == pytest.approx(expected.item())
+    loss.backward()
+    assert scores.grad[0, 0] < 0 < scores.grad[0, 1] and torch.all(scores.grad[1] == 0)  # raise the better
+    # a wrong order costs more than the right one; all ties cost nothing and still backpropagate
+    assert rank_loss(torch.tensor([[0.0, 2.0, 1.0]]), truth[:1]) > loss
+    tied = torch.zeros(1, 3, requires_grad=True)
+    assert rank_loss(tied, torch.full((1, 3), 0.5)).item() == 0.0
+
+
+def test_the_ranking_term_changes_training_and_is_checked():
+    images, truth = discs(12, 32, seed=4)
+    oof = perturb_masks(truth, 3, torch.Generator().manual_seed(9))
+    plain, ranked, again = (LearnedJudge(1, 32, seed=1) for _ in range(3))
+    plain.fit(images, truth, oof, steps=3, batch_size=8)
+    stats = ranked.fit(images, truth, oof, steps=3, batch_size=8, rank_weight=1.0)
+    again.fit(images, truth, oof, steps=3, batch_size=8, rank_weight=1.0)
+    assert np.isfinite(stats["final_loss"])
+    masks = proposals(oof)
+    assert torch.equal(ranked.score(images, masks), again.score(images, masks))  # seeded
+    assert not torch.equal(ranked.score(images, masks), plain.score(images, masks))
+    with pytest.raises(ValueError, match="rank_weight must be >= 0"):
+        plain.fit(images, truth, oof, steps=1, rank_weight=-1.0)
 
 
 def test_save_load_round_trip(trained, tmp_path):

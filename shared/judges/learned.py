@@ -9,7 +9,8 @@ mask is known. The training examples per image are
   that saw the image are near perfect and teach the judge nothing (DESIGN.md section 2).
 
 The network sees ``C`` image channels (each standardised per image) and the mask as one more
-channel, and regresses the Dice (mean squared error) through a sigmoid. ``fit`` holds 20% of
+channel, and regresses the Dice (mean squared error) through a sigmoid; with ``rank_weight`` it
+also learns to order the masks of one image (a pairwise logistic term). ``fit`` holds 20% of
 the images out and reports how well the judge ranks their masks, so that a site can see
 whether its judge learned anything before it trusts it. The trained judge lives in the site's
 work dir as ``learned_judge.pt``.
@@ -31,9 +32,11 @@ from torch import nn
 
 from shared.perturb import mask_dice, perturb_masks
 
-__all__ = ["QualityNet", "LearnedJudge", "out_of_fold_indices", "JUDGE_FILE"]
+__all__ = ["QualityNet", "LearnedJudge", "out_of_fold_indices", "rank_loss", "JUDGE_FILE"]
 
 JUDGE_FILE = "learned_judge.pt"
+RANK_GROUP = 4  # masks of one image per group of the ranking term (`fit(rank_weight=...)`)
+RANK_MARGIN = 0.01  # true-Dice differences below this are ties for the ranking term
 _FORMAT_VERSION = 1
 
 
@@ -65,13 +68,17 @@ class QualityNet(nn.Module):
         self.head = nn.Sequential(nn.Linear(2 * c_in, hidden), nn.PReLU(), nn.Linear(hidden, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(x))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The score before the sigmoid, ``(B,)``: the ranking term compares these."""
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"QualityNet expects (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
         if x.shape[-2] % self.divisor or x.shape[-1] % self.divisor:
             raise ValueError(f"QualityNet needs H and W divisible by {self.divisor}, got {tuple(x.shape[-2:])}")
         f = self.features(x)
         pooled = torch.cat((f.mean(dim=(2, 3)), f.amax(dim=(2, 3))), dim=1)
-        return torch.sigmoid(self.head(pooled)).squeeze(1)
+        return self.head(pooled).squeeze(1)
 
 
 class LearnedJudge:
@@ -113,6 +120,7 @@ class LearnedJudge:
         holdout: float = 0.2,
         oof_fraction: float = 0.5,
         draw_seed: int | None = None,
+        rank_weight: float = 0.0,
     ) -> dict:
         """Train on the labelled split; return training statistics (also kept in ``self.stats``).
 
@@ -165,17 +173,27 @@ class LearnedJudge:
         self.net.to(device).train()
         optimizer = torch.optim.Adam(self.net.parameters(), lr=lr)
         losses = []
+        if rank_weight < 0:
+            raise ValueError(f"rank_weight must be >= 0, got {rank_weight}")
+        group = RANK_GROUP if rank_weight > 0 else 1
         for _ in range(steps):
-            idx = torch.randint(len(train), (batch_size,), generator=generator)
+            if group > 1:  # `group` masks of each drawn image, side by side
+                idx = torch.randint(len(train), (max(1, batch_size // group),), generator=generator)
+                idx = idx.repeat_interleave(group)
+            else:
+                idx = torch.randint(len(train), (batch_size,), generator=generator)
             masks = perturb_masks(train_truth[idx], 1, generator)[:, 0]
             if p_oof > 0:
-                from_oof = torch.rand(batch_size, generator=generator) < p_oof
-                pick = torch.randint(k, (batch_size,), generator=generator)
+                from_oof = torch.rand(len(idx), generator=generator) < p_oof
+                pick = torch.randint(k, (len(idx),), generator=generator)
                 masks = torch.where(from_oof[:, None, None], train_oof[idx, pick], masks)
             target = mask_dice(masks, train_truth[idx, 0])
             x = _augment(self._inputs(train_images[idx], masks, device), generator)
-            pred = self.net(x)
-            loss = F.mse_loss(pred.float(), target.to(device))
+            logits = self.net.logits(x).float()
+            target = target.to(device)
+            loss = F.mse_loss(torch.sigmoid(logits), target)
+            if group > 1:
+                loss = loss + rank_weight * rank_loss(logits.view(-1, group), target.view(-1, group))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -378,6 +396,18 @@ def pair_accuracy(scores: np.ndarray, true_dice: np.ndarray) -> float | None:
     gap = true_dice[rows, best] - true_dice[rows, worst]
     valid = (best != worst) & (gap != 0)
     return float((gap[valid] > 0).mean()) if valid.any() else None
+
+
+def rank_loss(scores: torch.Tensor, truth: torch.Tensor, margin: float = RANK_MARGIN) -> torch.Tensor:
+    """Pairwise logistic (RankNet) loss within each row: ``(G, M)`` scores and true Dice of M
+    masks of one image per row. Every ordered pair whose true Dice differs by more than
+    ``margin`` adds ``softplus(-(s_better - s_worse))``; the mean over those pairs (0 if none).
+    Pairs closer than ``margin`` carry no order worth learning."""
+    better = (truth[:, :, None] - truth[:, None, :]) > margin  # [g, i, j]: mask i truly beats mask j
+    if not bool(better.any()):
+        return scores.sum() * 0.0
+    diff = scores[:, :, None] - scores[:, None, :]
+    return F.softplus(-diff[better]).mean()
 
 
 def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
