@@ -47,6 +47,7 @@ from shared.judges import AgreementJudge, UncertaintyJudge  # noqa: E402
 from shared.site import model_from_config  # noqa: E402
 from shared.training import calibration_reliability  # noqa: E402
 
+KINDS = ("federated", "learned", "agreement", "uncertainty")
 COLUMNS = ("spearman", "informative_pairs", "informative_pair_accuracy", "informative_wilson", "pair_accuracy",
            "dice_identity", "dice_best", "dice_pick")
 
@@ -60,9 +61,15 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=QualityJudgeConfig.steps, help="local steps a judge round")
     parser.add_argument("--rank-weight", type=float, default=QualityJudgeConfig.rank_weight,
                         help="weight of the within-image ranking term of both learned judges")
+    parser.add_argument("--judge-seed", type=int, default=0,
+                        help="seeds both learned judges' starting weights and draws (not the out-of-fold segmenters)")
+    parser.add_argument("--judges", default=",".join(KINDS), help=f"which judges to measure (default {','.join(KINDS)})")
     parser.add_argument("--cache", type=Path, help="keep the out-of-fold proposals here, per site")
     parser.add_argument("--out", type=Path, help="also write the table to this markdown file")
     args = parser.parse_args(argv)
+    kinds = [kind for kind in KINDS if kind in args.judges.split(",")]
+    if not kinds or set(args.judges.split(",")) - set(KINDS):
+        parser.error(f"--judges takes a comma-separated subset of {','.join(KINDS)}, got {args.judges!r}")
     cfg, checkpoint, model = load_base(args.base)
     quality = dataclasses.replace(cfg.quality_judge or QualityJudgeConfig(), fold_steps=args.fold_steps,
                                   rounds=args.rounds, steps=args.steps, rank_weight=args.rank_weight)
@@ -74,20 +81,23 @@ def main(argv=None) -> int:
     print(f"out-of-fold proposals: {time.perf_counter() - started:.0f} s", flush=True)
 
     judges = {name: {"agreement": AgreementJudge(), "uncertainty": UncertaintyJudge()} for name in data}
+    judge_seed, draws = quality.seed + args.judge_seed, 1000 * args.judge_seed  # judge seed 0: as before
     for name, d in data.items():  # the site's own: all its steps on its own labels
-        local = consortium_judge(initial_judge_state(d["labeled"].images.shape[1], quality.seed),
+        if "learned" not in kinds:
+            break
+        local = consortium_judge(initial_judge_state(d["labeled"].images.shape[1], judge_seed),
                                  d["labeled"].images.shape[1], d["labeled"].images.shape[-1])
         local.fit(d["labeled"].images, d["labeled"].masks, oof[name], steps=quality.rounds * quality.steps,
-                  lr=quality.lr, batch_size=quality.batch_size, holdout=0.0, draw_seed=1,
+                  lr=quality.lr, batch_size=quality.batch_size, holdout=0.0, draw_seed=draws + 1,
                   rank_weight=quality.rank_weight)
         judges[name]["learned"] = local
-    state = initial_judge_state(cfg.model.in_channels, quality.seed)
-    for judge_round in range(1, quality.rounds + 1):  # the server's judge rounds, in process
+    state = initial_judge_state(cfg.model.in_channels, judge_seed)
+    for judge_round in range(1, quality.rounds + 1 if "federated" in kinds else 1):  # the server's judge rounds
         updates, counts = [], []
         for name, d in data.items():
             judge = consortium_judge(state, d["labeled"].images.shape[1], d["labeled"].images.shape[-1])
             judge.fit(d["labeled"].images, d["labeled"].masks, oof[name], steps=quality.steps, lr=quality.lr,
-                      batch_size=quality.batch_size, holdout=0.0, draw_seed=judge_round,
+                      batch_size=quality.batch_size, holdout=0.0, draw_seed=draws + judge_round,
                       rank_weight=quality.rank_weight)
             updates.append({k: v.detach().clone() for k, v in judge.net.state_dict().items()})
             counts.append(len(d["labeled"].names))
@@ -100,10 +110,11 @@ def main(argv=None) -> int:
              + ", ".join(f"{name} {len(d['calibration'].names)}" for name, d in data.items())
              + "; labelled: " + ", ".join(f"{name} {len(d['labeled'].names)}" for name, d in data.items())
              + f"; judges trained {quality.rounds} x {quality.steps} steps, out-of-fold segmenters "
-               f"{quality.folds} x {quality.fold_steps} steps, ranking term weight {quality.rank_weight:g}.", "",
+               f"{quality.folds} x {quality.fold_steps} steps, ranking term weight {quality.rank_weight:g}, "
+               f"judge seed {args.judge_seed}.", "",
              "| judge | site | within-image Spearman | informative pairs | informative pair acc. | Wilson bound | "
              "pair acc. (mined) | identity | best-of-K | pick |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for kind in ("federated", "learned", "agreement", "uncertainty"):
+    for kind in kinds:
         for name, d in data.items():
             figures, _ = calibration_reliability(model, d["calibration"], judges[name][kind], cfg.preference.mining,
                                                  cfg.preference.proposals, "cpu", seed=cfg.seed,
