@@ -155,6 +155,8 @@ class LearnedJudge:
             raise ValueError(f"steps and batch_size must be >= 1 and lr > 0, got {steps}, {batch_size}, {lr}")
         if not 0.0 <= holdout < 1.0 or not 0.0 <= oof_fraction <= 1.0:
             raise ValueError(f"holdout must be in [0, 1) and oof_fraction in [0, 1], got {holdout}, {oof_fraction}")
+        if rank_weight < 0:
+            raise ValueError(f"rank_weight must be >= 0, got {rank_weight}")
         device = torch.device(device)
         started = time.perf_counter()
         n = images.shape[0]
@@ -173,8 +175,6 @@ class LearnedJudge:
         self.net.to(device).train()
         optimizer = torch.optim.Adam(self.net.parameters(), lr=lr)
         losses = []
-        if rank_weight < 0:
-            raise ValueError(f"rank_weight must be >= 0, got {rank_weight}")
         group = RANK_GROUP if rank_weight > 0 else 1
         for _ in range(steps):
             if group > 1:  # `group` masks of each drawn image, side by side
