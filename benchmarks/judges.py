@@ -82,9 +82,7 @@ def main(argv=None) -> int:
 
     judges = {name: {"agreement": AgreementJudge(), "uncertainty": UncertaintyJudge()} for name in data}
     judge_seed, draws = quality.seed + args.judge_seed, 1000 * args.judge_seed  # judge seed 0: as before
-    for name, d in data.items():  # the site's own: all its steps on its own labels
-        if "learned" not in kinds:
-            break
+    for name, d in data.items() if "learned" in kinds else ():  # the site's own: all its steps on its own labels
         local = consortium_judge(initial_judge_state(d["labeled"].images.shape[1], judge_seed),
                                  d["labeled"].images.shape[1], d["labeled"].images.shape[-1])
         local.fit(d["labeled"].images, d["labeled"].masks, oof[name], steps=quality.rounds * quality.steps,

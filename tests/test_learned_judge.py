@@ -228,7 +228,9 @@ def test_rank_loss_by_hand():
     # a wrong order costs more than the right one; all ties cost nothing and still backpropagate
     assert rank_loss(torch.tensor([[0.0, 2.0, 1.0]]), truth[:1]) > loss
     tied = torch.zeros(1, 3, requires_grad=True)
-    assert rank_loss(tied, torch.full((1, 3), 0.5)).item() == 0.0
+    tied_loss = rank_loss(tied, torch.full((1, 3), 0.5))
+    tied_loss.backward()
+    assert tied_loss.item() == 0.0 and torch.equal(tied.grad, torch.zeros(1, 3))
 
 
 def test_the_ranking_term_changes_training_and_is_checked():

@@ -30,6 +30,7 @@ from monai.networks.blocks import Convolution
 from scipy.stats import spearmanr
 from torch import nn
 
+from shared.checkpoints import save_atomically
 from shared.perturb import mask_dice, perturb_masks
 
 __all__ = ["QualityNet", "LearnedJudge", "out_of_fold_indices", "rank_loss", "JUDGE_FILE"]
@@ -284,8 +285,6 @@ class LearnedJudge:
             "state_dict": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
             "stats": dict(self.stats),
         }
-        from shared.checkpoints import save_atomically
-
         return save_atomically(payload, path)
 
     @classmethod
