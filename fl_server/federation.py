@@ -121,7 +121,8 @@ class ConsortiumStrategy:
         messages = []
         for node_id in self.ready_nodes(grid):
             site = self.node_sites.get(node_id)
-            preference = self.ledger.settings_for(site, self.cfg.preference) if site else self.cfg.preference
+            preference = (self.ledger.settings_for(site, self.cfg.preference, self.cfg.aggregation.excluded_steps)
+                          if site else self.cfg.preference)
             record = RecordDict({"arrays": arrays, "config": self.round_config(server_round, phase, preference)})
             if reference is not None:
                 record["reference"] = reference

@@ -309,10 +309,14 @@ HEADROOM = ("rel_dice_identity", "rel_dice_best", "rel_dice_pick")
 
 def _round_row(record: dict) -> list[str]:
     """One site line as a row of ``round_table``; an ok site whose round was gated (anchor-only
-    steps: its judge's calibration pick did not beat its own mask) shows status ``gated``."""
+    steps: its judge's calibration pick did not beat its own mask) shows status ``gated``, and
+    one the ledger held to anchor-only steps (`aggregation.excluded_steps: anchor`) ``anchor``."""
     status = record.get("status")
     if status == "ok" and _number(_get(record, "train", "gated")) == 1.0:
         status = "gated"
+    elif (status == "ok" and record.get("phase") == "preference" and record.get("state") == "excluded"
+          and _number(_get(record, "train", "pairs_used")) == 0 and (_number(_get(record, "train", "num-examples")) or 0) > 0):
+        status = "anchor"
     return [
         str(record["site"]),
         _fmt(record.get("phase")),

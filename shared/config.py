@@ -36,6 +36,7 @@ METHODS = ("rn_dpo", "dpo", "pseudo_label", "entropy", "none")
 MINING_STRATEGIES = ("top_bottom", "top_random", "gap", "skip_top", "top_identity")
 AGGREGATIONS = ("reliability", "fedavg", "median", "krum")
 LEDGER_STATISTICS = ("wilson", "ema_point")
+EXCLUDED_STEPS = ("preference", "anchor")
 REFERENCES = ("round", "base")
 MODELS = MODEL_NAMES  # shared.networks: the MONAI 2D networks a consortium can train
 TTA_TRANSFORMS = ("identity", "hflip", "vflip", "hvflip", "rot90", "rot270")
@@ -282,6 +283,11 @@ class AggregationConfig:
     # outcome_margin in outcome_rounds consecutive rounds excludes the site (None: no check)
     outcome_margin: float | None = field(default=0.01, metadata=_probability)
     outcome_rounds: int = field(default=2, metadata=_positive)
+    # what a site whose judge the ledger excludes trains on: `preference` (its judge's pairs, the
+    # update then weighing nothing; the rule before) or `anchor` (the control's anchor-only steps on
+    # its labelled split, weighed by its labelled images like a gated site, so the consortium keeps
+    # its labels). Either way it measures its judge on calibration every round, so it can recover.
+    excluded_steps: str = field(default="preference", metadata=_choice(*EXCLUDED_STEPS))
 
 
 @dataclass(frozen=True)

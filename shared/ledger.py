@@ -13,8 +13,10 @@ Each preference round a site reports how its judge did on its calibration split.
 - state from the bound: `trusted` (bound >= probation_below), `probation` (exclude_below <= bound <
   probation_below: still aggregated with its small factor, sent conservative settings for the next
   round: `skip_top` mining, a score gap of at least 0.05, beta halved), `excluded` (bound <
-  exclude_below: contributes nothing to preference rounds until it recovers; it keeps training
-  and reporting, so recovery is seen);
+  exclude_below: its judge steers nothing until it recovers; it keeps measuring its judge on
+  calibration and reporting, so recovery is seen. Under `excluded_steps: preference` it keeps
+  taking preference steps whose update weighs nothing; under `anchor` it takes the control's
+  anchor-only steps, weighed by its labelled images, so the consortium keeps its labels);
 - outcome check (`outcome_margin`, `outcome_rounds`): a judge can rank calibration masks well and
   still pull the model down. A round whose judged update lowered the site's calibration Dice by more
   than outcome_margin is harmful; outcome_rounds harmful rounds in a row exclude the site whatever
@@ -163,14 +165,20 @@ class Ledger:
         bound = record.bound()
         return 0.0 if bound is None else weight_factor(bound)
 
-    def settings_for(self, name: str, preference: PreferenceConfig) -> PreferenceConfig:
-        """The preference settings this site gets next round (see the module docstring)."""
-        if self.site(name).state == TRUSTED:
+    def settings_for(self, name: str, preference: PreferenceConfig, excluded_steps: str = "preference") -> PreferenceConfig:
+        """The preference settings this site gets next round (see the module docstring). Under
+        `excluded_steps: anchor` an excluded site gets `method: none`: the control's anchor-only
+        steps, which its judge does not steer (it is still measured on calibration)."""
+        state = self.site(name).state
+        if state == TRUSTED:
             return preference
         mining: MiningConfig = dataclasses.replace(
             preference.mining, strategy="skip_top", min_gap=max(preference.mining.min_gap, 0.05)
         )
-        return dataclasses.replace(preference, mining=mining, beta=preference.beta / 2)
+        conservative = dataclasses.replace(preference, mining=mining, beta=preference.beta / 2)
+        if state == EXCLUDED and excluded_steps == "anchor" and preference.method != "none":
+            return dataclasses.replace(conservative, method="none")
+        return conservative
 
     # ------------------------------------------------------------------ persistence
 

@@ -15,6 +15,7 @@ import torch
 from flwr.clientapp import ClientApp
 
 from fl_client import client_app as our_client
+from fl_server.report import round_table
 from fl_sim import cli as sim
 from shared.config import load_consortium, load_consortium_sites
 
@@ -23,7 +24,7 @@ DEMO = Path(__file__).resolve().parents[1] / "data" / "demo" / "lung_cxr"
 
 def write_consortium(tmp_path: Path, judges: dict[str, str], *, supervised=1, preference=2,
                      min_sites=1, timeout=900, aggregation="reliability", missing_data: str | None = None,
-                     reference="round") -> Path:
+                     reference="round", excluded_steps="preference") -> Path:
     """Site YAMLs (one per entry of `judges`: site name -> judge mapping) and a consortium YAML."""
     folders = {"montgomery": "montgomery", "shenzhen_a": "shenzhen_a", "shenzhen_b": "shenzhen_b"}
     site_files = []
@@ -57,7 +58,7 @@ def write_consortium(tmp_path: Path, judges: dict[str, str], *, supervised=1, pr
           batch_pairs: 4
           reference: {reference}
           proposals: {{tta: [identity, hflip], mc_samples: 2, thresholds: [0.3, 0.5, 0.7]}}
-        aggregation: {{kind: {aggregation}}}
+        aggregation: {{kind: {aggregation}, excluded_steps: {excluded_steps}}}
         federation: {{min_sites: {min_sites}, round_timeout: {timeout}}}
         """))
     return consortium
@@ -126,6 +127,28 @@ def test_consortium_writes_consistent_ledger_metrics_and_checkpoints(tmp_path):
     report = (run_dir / "report.html").read_text()
     assert "montgomery" in report and "shenzhen_b" in report
     assert list((run_dir / "overlays").glob("montgomery_round002_*.png"))
+
+
+def test_an_excluded_site_keeps_its_labels_in_the_consortium_with_anchor_steps(tmp_path):
+    """excluded_steps: anchor. The inverted judge is excluded after its first preference round
+    (its update then weighs nothing); from the next round it takes the control's anchor-only
+    steps, weighed by its labelled images, and still measures its judge on calibration."""
+    consortium = write_consortium(tmp_path, {
+        "montgomery": "{kind: oracle}",
+        "shenzhen_b": "{kind: oracle, invert: true}",
+    }, preference=2, excluded_steps="anchor")
+    run_dir = run_sim(consortium)
+    inverted = {line["round"]: line for line in site_lines(run_dir, "shenzhen_b")}
+    assert inverted[2]["status"] == "excluded" and inverted[2]["weight"] == 0.0
+    assert inverted[2]["train"]["pairs_used"] > 0  # it followed its judge: discarded
+    held = inverted[3]
+    assert held["status"] == "ok" and held["state"] == "excluded"
+    assert held["train"]["pairs_used"] == 0 and held["train"]["steps"] == 4
+    assert held["train"]["num-examples"] == inverted[1]["train"]["num-examples"]  # its labelled images
+    assert held["weight"] > 0
+    assert held["train"]["rel_pair_accuracy"] < 0.5  # still measured, so it could recover
+    table = round_table([line for line in metric_lines(run_dir) if line["round"] == 3])
+    assert [row.split()[2] for row in table.splitlines() if row.startswith("shenzhen_b")] == ["anchor"]
 
 
 def test_crashed_and_nan_sites_do_not_stop_the_round(tmp_path):

@@ -65,6 +65,39 @@ def test_probation_sites_get_conservative_settings():
     assert ledger.settings_for("good", base) == base
 
 
+def test_an_excluded_site_takes_anchor_steps_only_when_the_consortium_says_so():
+    ledger = Ledger()
+    base = PreferenceConfig(beta=2.0)
+    for r in (1, 2):
+        ledger.record_reliability("bad", r, figures(0.0), AGG)
+    ledger.record_reliability("weak", 1, figures(0.6), AGG)
+    assert ledger.site("bad").state == EXCLUDED and ledger.site("weak").state == PROBATION
+    # the rule before: it keeps its judge's (conservative) preference steps, whose update weighs nothing
+    assert ledger.settings_for("bad", base).method == "rn_dpo"
+    held = ledger.settings_for("bad", base, "anchor")
+    assert held.method == "none" and held.steps == base.steps and held.lambda_sup == base.lambda_sup
+    # probation and trust are unchanged by the option
+    assert ledger.settings_for("weak", base, "anchor") == ledger.settings_for("weak", base)
+    assert ledger.settings_for("good", base, "anchor") == base
+
+
+def test_an_excluded_sites_anchor_update_weighs_its_labelled_images():
+    """What the site sends under excluded_steps: anchor (no pairs) is weighed like a gated one."""
+    strategy = ConsortiumStrategy(consortium(aggregation=AggregationConfig(excluded_steps="anchor")), Ledger())
+    for r in (1, 2):
+        strategy.ledger.record_reliability("bad", r, informative(0.0, 100), WILSON)
+        strategy.ledger.record_reliability("good", r, informative(1.0, 100), WILSON)
+    assert strategy.ledger.site("bad").state == EXCLUDED
+    outcomes = {"good": SiteOutcome("good", train={"num-examples": 30.0, "pairs_used": 30.0}, state=state(1.0)),
+                "bad": SiteOutcome("bad", train={"num-examples": 10.0, "pairs_used": 0.0}, state=state(4.0))}
+    new_state, changed = strategy.aggregate("preference", outcomes, state(0.0))
+    assert changed and outcomes["bad"].status == "ok" and outcomes["bad"].weight > 0
+    factor = strategy.ledger.factor("good")
+    # damped: good 30 * g, bad its 10 labelled images, the global model keeps 30 * (1 - g)
+    assert outcomes["bad"].weight == pytest.approx(10 / 40)
+    assert torch.allclose(new_state["w"], torch.full((2, 3), (30 * factor * 1.0 + 10 * 4.0) / 40))
+
+
 def test_ledger_survives_save_and_load(tmp_path):
     ledger = Ledger(rounds_completed=4)
     ledger.record_reliability("a", 4, figures(0.7), AGG)
