@@ -457,6 +457,19 @@ def test_a_judge_that_ranks_well_but_hurts_is_excluded_by_its_outcome():
     assert quiet.site("a").state == TRUSTED
 
 
+def test_a_site_the_outcome_check_excluded_stays_excluded_on_anchor_steps():
+    """Anchor-only rounds carry no outcome evidence about the judge: the harm streak stands."""
+    ledger = Ledger()
+    hurt = informative(1.0, 100, outcome_gain=-0.03, pairs_used=9)
+    for r in (1, 2):
+        ledger.record_reliability("a", r, hurt, WILSON)
+    assert ledger.site("a").state == EXCLUDED
+    anchor_round = informative(1.0, 100, outcome_gain=0.05, pairs_used=0)  # what method none reports
+    ledger.record_reliability("a", 3, anchor_round, WILSON)
+    assert ledger.site("a").state == EXCLUDED and ledger.site("a").harm_streak == 2
+    assert ledger.settings_for("a", PreferenceConfig(), "anchor").method == "none"
+
+
 def test_a_failure_reason_is_read_from_the_simulation_engines_wrapper():
     from fl_server.federation import _failure
 
