@@ -333,12 +333,15 @@ class SplitData:
     images: (N, C, H, W) float32, each image normalised to zero mean and unit std.
     masks: (N, 1, H, W) uint8 in {0, 1}, or None for a split without masks.
     names: the N file stems, in the order of the tensors. skipped: the files left out, and why.
+    groups: each image's group (patient, video sequence) from `data.groups`, or None: what must
+    stay on one side of any split of these images, the out-of-fold folds of a learned judge too.
     """
 
     names: list[str]
     images: torch.Tensor
     masks: torch.Tensor | None
     skipped: list[Problem] = field(default_factory=list)
+    groups: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.names)
@@ -574,6 +577,10 @@ def _load(site: SiteConfig, splits: tuple[str, ...], checking: bool,
         loaded = {split: _read_split_cached(plan, split, site) if cache and not checking
                   else _read_split(plan, site.image_size, site.channels, keep=not checking)
                   for split, plan in plans.items()}
+    if site.data.source is not None and site.data.groups is not None and not checking:
+        for part in loaded.values():  # the names were matched to their groups when the splits were cut
+            keys = _group_keys(part.names, site.data.groups, site.source_file)
+            part.groups = [keys[name] for name in part.names]
     # below min_images a split's figures stay at the site and a round that trains on it fails
     least = max(_MIN_SPLIT_SIZE, site.min_images)
     warnings = [

@@ -57,14 +57,20 @@ def out_of_fold_proposals(labeled: SplitData, model_factory: Callable[[], torch.
                           fold_training: SupervisedConfig, proposals_cfg: ProposalConfig, folds: int,
                           device, seed: int = 0, progress: Callable | None = None) -> torch.Tensor:
     """``(N, K, H, W)`` uint8 proposals for the labelled images, each from a segmenter trained
-    (``fold_training.steps`` steps) on the folds that do not hold the image."""
+    (``fold_training.steps`` steps) on the folds that do not hold the image. A site with
+    `data.groups` keeps each group (patient, video) in one fold (`out_of_fold_indices`)."""
     from shared.training import subset, supervised_round  # training imports the judges
 
     if labeled.masks is None:
         raise ValueError("the labeled split has no masks, but the quality judge learns from them")
     n = len(labeled.names)
+    groups = labeled.groups
+    if groups is not None and len(set(groups)) < 2:
+        log.warning("every labelled image comes from one group (patient, video): the out-of-fold folds are cut "
+                    "by image, so a fold's segmenter has seen other images of the group it proposes for")
+        groups = None
     oof = torch.zeros((n, len(proposal_labels(proposals_cfg)), *labeled.masks.shape[-2:]), dtype=torch.uint8)
-    for fold, (train_idx, held_idx) in enumerate(out_of_fold_indices(n, folds, seed)):
+    for fold, (train_idx, held_idx) in enumerate(out_of_fold_indices(n, folds, seed, groups)):
         fold_model = model_factory()
         supervised_round(fold_model, subset(labeled, train_idx), fold_training, device, seed=seed + fold,
                          progress=progress)
@@ -79,7 +85,9 @@ def cached_out_of_fold_proposals(work_dir: Path, labeled: SplitData, model_facto
     ``work_dir/judge_oof.pt`` (a judge round runs in a fresh process in deployment)."""
     key = hashlib.sha256(json.dumps({"names": list(labeled.names), "shape": list(labeled.images.shape),
                                      "folds": folds, "seed": seed, "training": to_dict(fold_training),
-                                     "proposals": to_dict(proposals_cfg), **settings},
+                                     "proposals": to_dict(proposals_cfg), **settings,
+                                     # grouped folds (a site with data.groups); absent: the key before
+                                     **({"groups": list(labeled.groups)} if labeled.groups is not None else {})},
                                     sort_keys=True, default=str).encode()).hexdigest()
     path = Path(work_dir) / OOF_FILE
     if path.is_file():

@@ -298,7 +298,9 @@ def prepare_learned_judge(judge_cfg: JudgeConfig, work_dir, labeled: SplitData, 
     from shared.judges.learned import JUDGE_FILE, LearnedJudge
 
     settings = {"train_steps": judge_cfg.train_steps, "folds": judge_cfg.folds, "rank_weight": judge_cfg.rank_weight,
-                "seed": judge_cfg.seed}
+                "seed": judge_cfg.seed,
+                # folds kept whole by group (data.groups): a judge saved before is trained again
+                **({"folds_by_group": True} if labeled.groups is not None and len(set(labeled.groups)) > 1 else {})}
     if (Path(work_dir) / JUDGE_FILE).exists():  # trained in an earlier round
         saved = LearnedJudge.load(work_dir, in_channels=labeled.images.shape[1], image_size=labeled.images.shape[-1])
         if saved.stats.get("settings", settings) == settings:
@@ -345,8 +347,9 @@ def sample_unlabeled(split: SplitData, limit: int | None, seed: int) -> SplitDat
 
 def concat_splits(a: SplitData, b: SplitData) -> SplitData:
     """Two labelled splits as one (copies)."""
+    groups = list(a.groups) + list(b.groups) if a.groups is not None and b.groups is not None else None
     return SplitData(names=list(a.names) + list(b.names), images=torch.cat([a.images, b.images]),
-                     masks=torch.cat([a.masks, b.masks]))
+                     masks=torch.cat([a.masks, b.masks]), groups=groups)
 
 
 def subset(split: SplitData, index) -> SplitData:
@@ -356,6 +359,7 @@ def subset(split: SplitData, index) -> SplitData:
         names=[split.names[i] for i in index.tolist()],
         images=split.images[index].clone(),
         masks=None if split.masks is None else split.masks[index].clone(),
+        groups=None if split.groups is None else [split.groups[i] for i in index.tolist()],
     )
 
 

@@ -397,6 +397,7 @@ def test_source_split_with_groups_and_source_level_problems(tmp_path):
         assert len(part) >= 1 and part.masks is not None and part.images.shape[0] == len(part.names)
         for name in part.names:
             assert owner.setdefault(name.split("_")[0], split) == split
+        assert part.groups == [name.split("_")[0] for name in part.names]  # each image's group, in order
     assert sorted(n for part in loaded.values() for n in part.names) == sorted(stems)
     # problems of the shared folder that belong to no split are listed once, under the first split
     first = [p.file.name for p in loaded["labeled"].skipped]

@@ -134,6 +134,25 @@ def test_out_of_fold_indices_partition_and_determinism():
         out_of_fold_indices(4, 5)
 
 
+def test_out_of_fold_folds_keep_each_group_whole():
+    """Frames of one video are near duplicates: a fold's segmenter must not have seen the group."""
+    groups = ["a", "b", "a", "c", "c", "a", "d", "b", "c", "a"]  # a 4 images, c 3, b 2, d 1
+    splits = out_of_fold_indices(10, 3, seed=1, groups=groups)
+    assert len(splits) == 3 and sorted(i for _, h in splits for i in h) == list(range(10))
+    for train, held in splits:
+        assert not {groups[i] for i in train} & {groups[i] for i in held}
+        assert sorted(train + held) == list(range(10))
+    # largest group first, each to the fold with the fewest images: a | c | b + d
+    assert sorted(len(h) for _, h in splits) == [3, 3, 4]
+    assert splits == out_of_fold_indices(10, 3, seed=1, groups=groups)
+    two = out_of_fold_indices(5, 3, seed=0, groups=["x", "y", "x", "y", "y"])  # folds capped at the groups
+    assert sorted(h for _, h in two) == [[0, 2], [1, 3, 4]]
+    with pytest.raises(ValueError, match="come from 1 group"):
+        out_of_fold_indices(4, 2, groups=["x"] * 4)
+    with pytest.raises(ValueError, match="3 group keys for 4 images"):
+        out_of_fold_indices(4, 2, groups=["x", "y", "z"])
+
+
 # ----------------------------------------------------------------------------- the judge
 
 

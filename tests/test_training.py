@@ -435,6 +435,9 @@ def test_learned_judge_is_trained_once_on_out_of_fold_proposals_and_kept(tmp_pat
     with pytest.raises(AssertionError, match="must be loaded, not retrained"):  # other settings: trained again
         prepare_learned_judge(dataclasses.replace(cfg, rank_weight=1.0), tmp_path, labeled, no_retraining,
                               supervised, proposals, torch.device("cpu"))
+    grouped = dataclasses.replace(labeled, groups=[f"video{i % 3}" for i in range(12)])
+    with pytest.raises(AssertionError, match="must be loaded, not retrained"):  # saved with folds by image
+        prepare_learned_judge(cfg, tmp_path, grouped, no_retraining, supervised, proposals, torch.device("cpu"))
 
 
 def test_min_pick_gain_gates_the_preference_term_on_calibration_evidence(tiny):

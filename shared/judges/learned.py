@@ -365,14 +365,21 @@ class LearnedJudge:
         return images.cpu(), truth, oof_masks
 
 
-def out_of_fold_indices(n: int, folds: int, seed: int = 0) -> list[tuple[list[int], list[int]]]:
+def out_of_fold_indices(n: int, folds: int, seed: int = 0,
+                        groups: list[str] | None = None) -> list[tuple[list[int], list[int]]]:
     """Deterministic k-fold split of ``range(n)``: ``folds`` pairs ``(train_idx, held_idx)``.
 
-    Every index is held out exactly once; fold sizes differ by at most one; indices within a
-    fold are sorted. A model trained on ``train_idx`` proposes masks for ``held_idx`` only.
+    Every index is held out exactly once; indices within a fold are sorted. A model trained on
+    ``train_idx`` proposes masks for ``held_idx`` only. Without ``groups`` fold sizes differ by at
+    most one. With ``groups`` (each image's patient or video) a group is never split: frames of
+    one video are near duplicates, and a segmenter that saw one proposes near-perfect masks for
+    the others. Whole groups, largest first (ties in seeded order), go to the fold with the fewest
+    images; there are then min(folds, number of groups) folds, and at least 2 groups are needed.
     """
     if folds < 2:
         raise ValueError(f"folds must be >= 2, got {folds}")
+    if groups is not None:
+        return _grouped_folds(n, folds, seed, groups)
     if n < folds:
         raise ValueError(f"{n} labelled images cannot be split into {folds} folds: need at least one per fold")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
@@ -381,6 +388,22 @@ def out_of_fold_indices(n: int, folds: int, seed: int = 0) -> list[tuple[list[in
         held_set = set(held.tolist())
         splits.append(([i for i in range(n) if i not in held_set], sorted(held_set)))
     return splits
+
+
+def _grouped_folds(n: int, folds: int, seed: int, groups: list[str]) -> list[tuple[list[int], list[int]]]:
+    if len(groups) != n:
+        raise ValueError(f"{len(groups)} group keys for {n} images")
+    members: dict[str, list[int]] = {}
+    for index, key in enumerate(groups):
+        members.setdefault(key, []).append(index)
+    if len(members) < 2:
+        raise ValueError(f"the {n} labelled images come from {len(members)} group: out-of-fold folds need at least 2 groups")
+    keys = sorted(members)
+    shuffled = [keys[i] for i in torch.randperm(len(keys), generator=torch.Generator().manual_seed(seed)).tolist()]
+    held: list[list[int]] = [[] for _ in range(min(folds, len(members)))]
+    for key in sorted(shuffled, key=lambda k: -len(members[k])):  # stable: ties keep the seeded order
+        min(held, key=len).extend(members[key])
+    return [([i for i in range(n) if i not in kept], sorted(kept)) for kept in map(set, held)]
 
 
 def pair_accuracy(scores: np.ndarray, true_dice: np.ndarray) -> float | None:
