@@ -48,6 +48,7 @@ class SiteOutcome:
     eval: dict = field(default_factory=dict)
     weight: float = 0.0
     state: dict | None = None  # the update, dropped once aggregated
+    held: bool = False  # sent anchor-only steps because the ledger excluded its judge (excluded_steps: anchor)
 
 
 class ConsortiumStrategy:
@@ -61,6 +62,7 @@ class ConsortiumStrategy:
         self.extra_config = extra_config or {}
         self.revoked_file = revoked_file  # the operator's revoked_sites.json (fl-server revoke)
         self.node_sites: dict[int, str] = {}  # learned from replies; a reply names its site
+        self.held: set[str] = set()  # sites this round's settings hold to anchor-only steps
 
     def round_config(self, server_round: int, phase: str, preference: PreferenceConfig) -> ConfigRecord:
         return ConfigRecord({
@@ -119,10 +121,13 @@ class ConsortiumStrategy:
         quality judge when there is one (scored with at sites whose judge.kind is federated)."""
         phase = str(config["phase"])
         messages = []
+        self.held = set()
         for node_id in self.ready_nodes(grid):
             site = self.node_sites.get(node_id)
             preference = (self.ledger.settings_for(site, self.cfg.preference, self.cfg.aggregation.excluded_steps)
                           if site else self.cfg.preference)
+            if phase == "preference" and preference.method != self.cfg.preference.method:
+                self.held.add(site)
             record = RecordDict({"arrays": arrays, "config": self.round_config(server_round, phase, preference)})
             if reference is not None:
                 record["reference"] = reference
@@ -140,6 +145,7 @@ class ConsortiumStrategy:
         self._mark_revoked(server_round, outcomes)
         self._reject_outliers(outcomes, global_state)
         for site, outcome in outcomes.items():
+            outcome.held = site in self.held
             if outcome.status in ("failed", "rejected", "revoked"):
                 log.warning("round %d: %s %s: %s", server_round, site, outcome.status, outcome.reason)
                 self.ledger.record_problem(site, server_round, outcome.status)
@@ -448,6 +454,8 @@ def _metric_lines(server_round: int, phase: str, outcomes: dict[str, SiteOutcome
             line["bound"] = ledger.site(site).bound()  # the pooled Wilson bound the state comes from
         if o.reason:
             line["reason"] = o.reason
+        if o.held:
+            line["held"] = True  # the server sent it anchor-only steps: its judge is excluded
         lines.append(line)
     evals = [o.eval for o in outcomes.values() if o.eval]
     lines.append({

@@ -52,8 +52,8 @@ HOW_TO_READ = (
     "The first plot shows that test Dice per site (higher is better) and their mean; the shaded "
     "part is the preference phase, where sites fine-tune on unlabelled images ranked by their "
     "local judge. The second plot shows how often each site's judge ranked mask pairs correctly on "
-    "its labelled calibration split: 0.5 is chance, and a site under the exclusion threshold stops "
-    "contributing until it recovers. The third plot shows each site's share of the averaged update "
+    "its labelled calibration split: 0.5 is chance, and the judge of a site under the exclusion "
+    "threshold steers nothing until it recovers. The third plot shows each site's share of the averaged update "
     "per round. The overlays are examples of the pairs a site trained on: the green outline is "
     "the mask its judge preferred, the red one the mask it rejected. Rounds a site failed, or whose "
     "update the server rejected or excluded, are listed at the end."
@@ -310,12 +310,12 @@ HEADROOM = ("rel_dice_identity", "rel_dice_best", "rel_dice_pick")
 def _round_row(record: dict) -> list[str]:
     """One site line as a row of ``round_table``; an ok site whose round was gated (anchor-only
     steps: its judge's calibration pick did not beat its own mask) shows status ``gated``, and
-    one the ledger held to anchor-only steps (`aggregation.excluded_steps: anchor`) ``anchor``."""
+    one the server held to anchor-only steps because its judge was excluded
+    (`aggregation.excluded_steps: anchor`; the line says `held`) ``anchor``."""
     status = record.get("status")
     if status == "ok" and _number(_get(record, "train", "gated")) == 1.0:
         status = "gated"
-    elif (status == "ok" and record.get("phase") == "preference" and record.get("state") == "excluded"
-          and _number(_get(record, "train", "pairs_used")) == 0 and (_number(_get(record, "train", "num-examples")) or 0) > 0):
+    elif status == "ok" and record.get("held") is True:
         status = "anchor"
     return [
         str(record["site"]),

@@ -333,8 +333,8 @@ class SplitData:
     images: (N, C, H, W) float32, each image normalised to zero mean and unit std.
     masks: (N, 1, H, W) uint8 in {0, 1}, or None for a split without masks.
     names: the N file stems, in the order of the tensors. skipped: the files left out, and why.
-    groups: each image's group (patient, video sequence) from `data.groups`, or None: what must
-    stay on one side of any split of these images, the out-of-fold folds of a learned judge too.
+    groups: each image's group (patient, video sequence) from `data.groups`, or None: kept whole
+    by the site's splits and by the out-of-fold folds of its learned and federated judges.
     """
 
     names: list[str]
@@ -356,6 +356,7 @@ class _Pairs:
     wanted: bool = True  # False for a split given a zero fraction of data.source: empty on purpose
     pairs: list[tuple[str, Path, Path | None]] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    groups: dict[str, str] | None = None  # name -> group (data.groups), when the split was cut by group
 
 
 def _list_files(folder: Path, key: str, what: str) -> tuple[dict[str, Path], list[Problem], set[str]]:
@@ -455,7 +456,7 @@ def _read_split(plan: _Pairs, size: int, channels: int, keep: bool) -> SplitData
     if keep and len(names) < n:  # copy, so the tensors kept do not hold the unused rows alive
         images = images[: len(names)].clone()
         masks = masks[: len(names)].clone() if masks is not None else None
-    return SplitData(names=names, images=images, masks=masks, skipped=problems)
+    return SplitData(names=names, images=images, masks=masks, skipped=problems, groups=_groups_of(plan, names))
 
 
 def _read_split_cached(plan: _Pairs, split: str, site: SiteConfig) -> SplitData:
@@ -496,7 +497,12 @@ def _read_split_cached(plan: _Pairs, split: str, site: SiteConfig) -> SplitData:
     if {kept[i] for i in storable} != set(stored):  # added, changed or removed files
         cache.save([kept[i] for i in storable], images.numpy()[storable],
                    masks.numpy()[storable] if masks is not None else None)
-    return SplitData(names=names, images=images, masks=masks, skipped=list(plan.problems) + fresh.skipped)
+    return SplitData(names=names, images=images, masks=masks, skipped=list(plan.problems) + fresh.skipped,
+                     groups=_groups_of(plan, names))
+
+
+def _groups_of(plan: _Pairs, names: list[str]) -> list[str] | None:
+    return [plan.groups[name] for name in names] if plan.groups is not None else None
 
 
 # ----------------------------------------------------------------------------- a site
@@ -538,7 +544,7 @@ def _plans(site: SiteConfig, splits: tuple[str, ...], collect: list[Problem] | N
     keys = attempt(_group_keys, stems, data.groups, site.source_file) if data.groups is not None else None
     assignment = split_names(stems, data.split, data.seed, keys)
     for split in splits:
-        plan = _Pairs(data.source.images, True, wanted=getattr(data.split, split) > 0)
+        plan = _Pairs(data.source.images, True, wanted=getattr(data.split, split) > 0, groups=keys)
         for stem in assignment[split]:
             _add(plan, stem, *entries[stem])
         plans[split] = plan
@@ -577,10 +583,6 @@ def _load(site: SiteConfig, splits: tuple[str, ...], checking: bool,
         loaded = {split: _read_split_cached(plan, split, site) if cache and not checking
                   else _read_split(plan, site.image_size, site.channels, keep=not checking)
                   for split, plan in plans.items()}
-    if site.data.source is not None and site.data.groups is not None and not checking:
-        for part in loaded.values():  # the names were matched to their groups when the splits were cut
-            keys = _group_keys(part.names, site.data.groups, site.source_file)
-            part.groups = [keys[name] for name in part.names]
     # below min_images a split's figures stay at the site and a round that trains on it fails
     least = max(_MIN_SPLIT_SIZE, site.min_images)
     warnings = [

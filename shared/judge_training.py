@@ -64,13 +64,8 @@ def out_of_fold_proposals(labeled: SplitData, model_factory: Callable[[], torch.
     if labeled.masks is None:
         raise ValueError("the labeled split has no masks, but the quality judge learns from them")
     n = len(labeled.names)
-    groups = labeled.groups
-    if groups is not None and len(set(groups)) < 2:
-        log.warning("every labelled image comes from one group (patient, video): the out-of-fold folds are cut "
-                    "by image, so a fold's segmenter has seen other images of the group it proposes for")
-        groups = None
     oof = torch.zeros((n, len(proposal_labels(proposals_cfg)), *labeled.masks.shape[-2:]), dtype=torch.uint8)
-    for fold, (train_idx, held_idx) in enumerate(out_of_fold_indices(n, folds, seed, groups)):
+    for fold, (train_idx, held_idx) in enumerate(out_of_fold_indices(n, folds, seed, fold_groups(labeled, warn=True))):
         fold_model = model_factory()
         supervised_round(fold_model, subset(labeled, train_idx), fold_training, device, seed=seed + fold,
                          progress=progress)
@@ -78,16 +73,29 @@ def out_of_fold_proposals(labeled: SplitData, model_factory: Callable[[], torch.
     return oof
 
 
+def fold_groups(labeled: SplitData, warn: bool = False) -> list[str] | None:
+    """The groups the out-of-fold folds keep whole: the split's `data.groups` keys when it holds
+    two groups or more, else None (folds by image; with `warn`, said once in the site's log)."""
+    groups = labeled.groups
+    if groups is None or len(set(groups)) >= 2:
+        return groups
+    if warn and groups:
+        log.warning("every labelled image comes from one group (patient, video): the out-of-fold folds are cut "
+                    "by image, so a fold's segmenter has seen other images of the group it proposes for")
+    return None
+
+
 def cached_out_of_fold_proposals(work_dir: Path, labeled: SplitData, model_factory: Callable[[], torch.nn.Module],
                                  settings: dict, fold_training: SupervisedConfig, proposals_cfg: ProposalConfig,
                                  folds: int, device, seed: int, progress: Callable | None = None) -> torch.Tensor:
     """`out_of_fold_proposals`, made once per labelled split and settings and kept in
     ``work_dir/judge_oof.pt`` (a judge round runs in a fresh process in deployment)."""
+    groups = fold_groups(labeled)
     key = hashlib.sha256(json.dumps({"names": list(labeled.names), "shape": list(labeled.images.shape),
                                      "folds": folds, "seed": seed, "training": to_dict(fold_training),
                                      "proposals": to_dict(proposals_cfg), **settings,
                                      # grouped folds (a site with data.groups); absent: the key before
-                                     **({"groups": list(labeled.groups)} if labeled.groups is not None else {})},
+                                     **({"groups": groups} if groups is not None else {})},
                                     sort_keys=True, default=str).encode()).hexdigest()
     path = Path(work_dir) / OOF_FILE
     if path.is_file():

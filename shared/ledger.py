@@ -13,14 +13,15 @@ Each preference round a site reports how its judge did on its calibration split.
 - state from the bound: `trusted` (bound >= probation_below), `probation` (exclude_below <= bound <
   probation_below: still aggregated with its small factor, sent conservative settings for the next
   round: `skip_top` mining, a score gap of at least 0.05, beta halved), `excluded` (bound <
-  exclude_below: its judge steers nothing until it recovers; it keeps measuring its judge on
+  exclude_below: its judge steers nothing until its bound recovers; it keeps measuring its judge on
   calibration and reporting, so recovery is seen. Under `excluded_steps: preference` it keeps
   taking preference steps whose update weighs nothing; under `anchor` it takes the control's
   anchor-only steps, weighed by its labelled images, so the consortium keeps its labels);
 - outcome check (`outcome_margin`, `outcome_rounds`): a judge can rank calibration masks well and
   still pull the model down. A round whose judged update lowered the site's calibration Dice by more
   than outcome_margin is harmful; outcome_rounds harmful rounds in a row exclude the site whatever
-  its bound (a harmless round resets the count; a round without a judged update leaves it).
+  its bound (a harmless round resets the count; a round without a judged update leaves it, so a
+  site held to anchor-only steps, `excluded_steps: anchor`, stays excluded for the run).
 
 The weight factor g rises linearly from 0 at chance (0.5) to 1 at perfect: g = clip((x - 0.5) / 0.5,
 0, 1), x the bound. A site's aggregation weight is pairs_used x g.
@@ -176,7 +177,7 @@ class Ledger:
             preference.mining, strategy="skip_top", min_gap=max(preference.mining.min_gap, 0.05)
         )
         conservative = dataclasses.replace(preference, mining=mining, beta=preference.beta / 2)
-        if state == EXCLUDED and excluded_steps == "anchor" and preference.method != "none":
+        if state == EXCLUDED and excluded_steps == "anchor":
             return dataclasses.replace(conservative, method="none")
         return conservative
 

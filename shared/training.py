@@ -294,13 +294,13 @@ def prepare_learned_judge(judge_cfg: JudgeConfig, work_dir, labeled: SplitData, 
     A saved judge trained with other settings (steps, folds, ranking term, seed) is trained again;
     one saved before its settings were recorded is kept.
     """
-    from shared.judge_training import out_of_fold_proposals
+    from shared.judge_training import fold_groups, out_of_fold_proposals
     from shared.judges.learned import JUDGE_FILE, LearnedJudge
 
     settings = {"train_steps": judge_cfg.train_steps, "folds": judge_cfg.folds, "rank_weight": judge_cfg.rank_weight,
                 "seed": judge_cfg.seed,
                 # folds kept whole by group (data.groups): a judge saved before is trained again
-                **({"folds_by_group": True} if labeled.groups is not None and len(set(labeled.groups)) > 1 else {})}
+                **({"folds_by_group": True} if fold_groups(labeled) is not None else {})}
     if (Path(work_dir) / JUDGE_FILE).exists():  # trained in an earlier round
         saved = LearnedJudge.load(work_dir, in_channels=labeled.images.shape[1], image_size=labeled.images.shape[-1])
         if saved.stats.get("settings", settings) == settings:

@@ -112,7 +112,7 @@ def test_a_judge_round_trains_the_received_weights_and_keeps_its_proposals_at_th
     assert any(not torch.equal(with_ranking[k], state[k]) for k in state if state[k].is_floating_point())
 
 
-def test_out_of_fold_segmenters_never_saw_a_frame_of_the_group_they_propose_for(tmp_path, monkeypatch):
+def test_out_of_fold_segmenters_never_saw_a_frame_of_the_group_they_propose_for(tmp_path, monkeypatch, caplog):
     """A site with data.groups: each fold's segmenter trains on other groups only, the cache tells
     grouped folds from folds by image, and one group alone falls back to folds by image."""
     from shared.training import subset
@@ -136,8 +136,13 @@ def test_out_of_fold_segmenters_never_saw_a_frame_of_the_group_they_propose_for(
 
     trained_on.clear()
     one = dataclasses.replace(labeled, groups=["v1"] * 6)
-    judge_training.out_of_fold_proposals(one, *args)
+    with caplog.at_level("WARNING", logger="shared.judge_training"):
+        judge_training.out_of_fold_proposals(one, *args)
     assert len(trained_on) == 3 and all(len(split.names) == 4 for split in trained_on)  # by image, 3 folds
+    assert "every labelled image comes from one group" in caplog.text and "v1" not in caplog.text
+    trained_on.clear()
+    judge_training.cached_out_of_fold_proposals(tmp_path / "w", one, *args[:1], {}, *args[1:])
+    assert trained_on == []  # one group: folds by image, the by-image cache above serves it
 
 
 def test_the_consortium_judge_scores_with_the_weights_it_was_given():

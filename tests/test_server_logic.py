@@ -81,8 +81,35 @@ def test_an_excluded_site_takes_anchor_steps_only_when_the_consortium_says_so():
     assert ledger.settings_for("good", base, "anchor") == base
 
 
-def test_an_excluded_sites_anchor_update_weighs_its_labelled_images():
-    """What the site sends under excluded_steps: anchor (no pairs) is weighed like a gated one."""
+def test_the_server_sends_an_excluded_site_anchor_steps_and_marks_it_held(monkeypatch):
+    """configure_train under excluded_steps: anchor; a real Message needs a running Flower run, so
+    the test reads the content it would carry."""
+    from flwr.app import ArrayRecord
+
+    from fl_server import federation
+
+    monkeypatch.setattr(federation, "Message", lambda content, message_type, dst_node_id: SimpleNamespace(
+        content=content, metadata=SimpleNamespace(dst_node_id=dst_node_id)))
+    sent_methods = {}
+    for steps in ("preference", "anchor"):
+        strategy = ConsortiumStrategy(consortium(aggregation=AggregationConfig(excluded_steps=steps)), Ledger())
+        strategy.node_sites = {11: "bad", 12: "good"}
+        strategy.ready_nodes = lambda grid: [11, 12]
+        for r in (1, 2):
+            strategy.ledger.record_reliability("bad", r, informative(0.0, 100), WILSON)
+            strategy.ledger.record_reliability("good", r, informative(1.0, 100), WILSON)
+        messages = strategy.configure_train(3, ArrayRecord(), {"phase": "preference"}, grid=None)
+        sent_methods[steps] = {strategy.node_sites[m.metadata.dst_node_id]:
+                               json.loads(m.content["config"]["preference"])["method"] for m in messages}
+        assert strategy.held == ({"bad"} if steps == "anchor" else set())
+        outcomes = strategy.collect(3, "preference", messages, [], state())  # no reply: failed, still marked
+        assert outcomes["bad"].held is (steps == "anchor") and outcomes["good"].held is False
+    assert sent_methods == {"preference": {"bad": "rn_dpo", "good": "rn_dpo"}, "anchor": {"bad": "none", "good": "rn_dpo"}}
+
+
+def test_an_update_without_pairs_weighs_its_labelled_images_also_from_an_excluded_site():
+    """What an excluded site sends under excluded_steps: anchor (no pairs) is weighed like a gated
+    one: site_weights counts an update as judged only when pairs steered it."""
     strategy = ConsortiumStrategy(consortium(aggregation=AggregationConfig(excluded_steps="anchor")), Ledger())
     for r in (1, 2):
         strategy.ledger.record_reliability("bad", r, informative(0.0, 100), WILSON)
@@ -96,6 +123,34 @@ def test_an_excluded_sites_anchor_update_weighs_its_labelled_images():
     # damped: good 30 * g, bad its 10 labelled images, the global model keeps 30 * (1 - g)
     assert outcomes["bad"].weight == pytest.approx(10 / 40)
     assert torch.allclose(new_state["w"], torch.full((2, 3), (30 * factor * 1.0 + 10 * 4.0) / 40))
+
+
+def test_excluded_steps_anchor_needs_reliability_aggregation_and_anchor_steps(tmp_path):
+    from shared.config import ConfigError, load_consortium
+
+    def write(aggregation, preference="{}"):
+        (tmp_path / "c.yaml").write_text(f"name: c\nsites: [a.yaml]\nrun_dir: run\naggregation: {aggregation}\npreference: {preference}\n")
+        return tmp_path / "c.yaml"
+
+    assert load_consortium(write("{excluded_steps: anchor}")).aggregation.excluded_steps == "anchor"
+    with pytest.raises(ConfigError, match=r"c\.yaml.*aggregation\.excluded_steps.*kind reliability"):
+        load_consortium(write("{kind: fedavg, excluded_steps: anchor}"))
+    with pytest.raises(ConfigError, match=r"aggregation\.excluded_steps.*lambda_sup > 0"):
+        load_consortium(write("{excluded_steps: anchor}", "{lambda_sup: 0}"))
+    with pytest.raises(ConfigError, match="excluded_steps"):
+        load_consortium(write("{excluded_steps: sometimes}"))
+
+
+def test_runs_made_before_excluded_steps_keep_their_fingerprint():
+    import hashlib
+
+    from fl_server.run_dir import config_hash
+
+    cfg = consortium()
+    before = to_dict(cfg)  # what config_hash hashed before the option existed
+    before.pop("run_dir"), before.pop("quality_judge"), before["aggregation"].pop("excluded_steps")
+    assert config_hash(cfg) == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
+    assert config_hash(consortium(aggregation=AggregationConfig(excluded_steps="anchor"))) != config_hash(cfg)
 
 
 def test_ledger_survives_save_and_load(tmp_path):

@@ -435,6 +435,8 @@ def test_learned_judge_is_trained_once_on_out_of_fold_proposals_and_kept(tmp_pat
     with pytest.raises(AssertionError, match="must be loaded, not retrained"):  # other settings: trained again
         prepare_learned_judge(dataclasses.replace(cfg, rank_weight=1.0), tmp_path, labeled, no_retraining,
                               supervised, proposals, torch.device("cpu"))
+    one_video = dataclasses.replace(labeled, groups=["video0"] * 12)  # folds by image all the same: kept
+    prepare_learned_judge(cfg, tmp_path, one_video, no_retraining, supervised, proposals, torch.device("cpu"))
     grouped = dataclasses.replace(labeled, groups=[f"video{i % 3}" for i in range(12)])
     with pytest.raises(AssertionError, match="must be loaded, not retrained"):  # saved with folds by image
         prepare_learned_judge(cfg, tmp_path, grouped, no_retraining, supervised, proposals, torch.device("cpu"))
