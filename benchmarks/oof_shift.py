@@ -61,7 +61,7 @@ def main(argv=None) -> int:
         best_train = torch.bincount(train.argmax(1), minlength=len(labels)).float() / len(train)
         best_use = torch.bincount(use.argmax(1), minlength=len(labels)).float() / len(use)
         print(f"\n{site.name}: out of fold on {len(train)} labelled images, the base on {len(use)} calibration images")
-        print(f"| source | out-of-fold Dice | best of image | base Dice | best of image |\n|---|---|---|---|---|")
+        print("| source | out-of-fold Dice | best of image | base Dice | best of image |\n|---|---|---|---|---|")
         for k, name in enumerate(labels):
             print(f"| {name} | {train[:, k].mean():.3f} | {best_train[k]:.0%} | {use[:, k].mean():.3f} | {best_use[k]:.0%} |")
         gains = [(d - d[:, :1]).mean(0) for d in (train, use)]
