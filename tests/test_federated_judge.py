@@ -60,14 +60,14 @@ def test_runs_made_before_quality_judge_existed_keep_their_fingerprint(tmp_path)
     import json
 
     cfg = load_consortium(_consortium(tmp_path, quality=None, montgomery="{kind: agreement}"))
-    before = to_dict(cfg)  # what config_hash hashed before the key existed
-    before.pop("run_dir"), before.pop("quality_judge")
+    before = to_dict(cfg)  # what config_hash hashed before the key existed (and before excluded_steps)
+    before.pop("run_dir"), before.pop("quality_judge"), before["aggregation"].pop("excluded_steps")
     assert config_hash(cfg) == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
     assert config_hash(dataclasses.replace(cfg, quality_judge=QualityJudgeConfig())) != config_hash(cfg)
     # a run made with a quality judge before its ranking term existed: the term at 0 hashes as before
     judged = dataclasses.replace(cfg, quality_judge=QualityJudgeConfig())
     before = to_dict(judged)
-    before.pop("run_dir"), before["quality_judge"].pop("rank_weight")
+    before.pop("run_dir"), before["quality_judge"].pop("rank_weight"), before["aggregation"].pop("excluded_steps")
     assert config_hash(judged) == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
     ranked = dataclasses.replace(judged, quality_judge=QualityJudgeConfig(rank_weight=1.0))
     assert config_hash(ranked) != config_hash(judged)
