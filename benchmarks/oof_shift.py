@@ -29,14 +29,8 @@ from shared.config import QualityJudgeConfig, load_site, to_dict  # noqa: E402
 from shared.data import load_site_data  # noqa: E402
 from shared.judge_training import cached_out_of_fold_proposals  # noqa: E402
 from shared.proposals import generate_proposals, proposal_labels  # noqa: E402
+from shared.reliability import dice_scores  # noqa: E402
 from shared.site import model_from_config  # noqa: E402
-
-
-def dice(masks: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
-    """(N, K) Dice of (N, K, H, W) masks against (N, 1, H, W) truth (two empty masks: 1)."""
-    m, t = masks.float(), truth.float().expand_as(masks)
-    inter, total = (m * t).sum((2, 3)), m.sum((2, 3)) + t.sum((2, 3))
-    return torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total))
 
 
 def main(argv=None) -> int:
@@ -57,7 +51,7 @@ def main(argv=None) -> int:
                                            dataclasses.replace(cfg.supervised, steps=quality.fold_steps),
                                            cfg.preference.proposals, quality.folds, "cpu", quality.seed)
         graded = generate_proposals(model.eval(), data["calibration"].images, cfg.preference.proposals, "cpu", seed=0).masks
-        train, use = dice(oof, data["labeled"].masks), dice(graded, data["calibration"].masks)
+        train, use = dice_scores(oof, data["labeled"].masks), dice_scores(graded, data["calibration"].masks)
         best_train = torch.bincount(train.argmax(1), minlength=len(labels)).float() / len(train)
         best_use = torch.bincount(use.argmax(1), minlength=len(labels)).float() / len(use)
         print(f"\n{site.name}: out of fold on {len(train)} labelled images, the base on {len(use)} calibration images")

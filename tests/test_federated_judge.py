@@ -115,16 +115,18 @@ def test_a_judge_round_trains_the_received_weights_and_keeps_its_proposals_at_th
 def test_out_of_fold_segmenters_never_saw_a_frame_of_the_group_they_propose_for(tmp_path, monkeypatch, caplog):
     """A site with data.groups: each fold's segmenter trains on other groups only, the cache tells
     grouped folds from folds by image, and one group alone falls back to folds by image."""
-    from shared.training import subset
+    from shared import training
     labeled = dataclasses.replace(_labeled(n=6), groups=["v1", "v1", "v2", "v2", "v3", "v3"])
-    trained_on = []
-    monkeypatch.setattr("shared.training.supervised_round", lambda model, split, *a, **k: trained_on.append(split))
+    trained_on, real = [], training.supervised_round
+    # the real training, recording what each fold's segmenter was trained on
+    monkeypatch.setattr(training, "supervised_round", lambda model, split, *a, **k: trained_on.append(split)
+                        or real(model, split, *a, **k))
     args = (lambda: model_from_config(load_consortium(_consortium(tmp_path)).model), SupervisedConfig(steps=1),
             ProposalConfig(mc_samples=0), 3, "cpu", 0)
     judge_training.out_of_fold_proposals(labeled, *args)
     assert len(trained_on) == 3
     assert sorted(tuple(sorted(set(split.groups))) for split in trained_on) == [("v1", "v2"), ("v1", "v3"), ("v2", "v3")]
-    assert subset(labeled, [0, 2]).groups == ["v1", "v2"]  # subsets carry the groups
+    assert training.subset(labeled, [0, 2]).groups == ["v1", "v2"]  # subsets carry the groups
 
     trained_on.clear()
     judge_training.cached_out_of_fold_proposals(tmp_path / "w", labeled, *args[:1], {}, *args[1:])
