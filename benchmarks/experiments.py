@@ -20,7 +20,7 @@ Outputs in the run directory (`--out`, default the preset's `out`):
     results.md      tables: summary per arm, per-site and unseen-centre Dice/HD95 at the peak and
                     the last round, judge reliability per site; mean +- sample std over seeds
     results.csv     one row per (task, arm): the summary figures
-    runs.csv        one row per (task, arm, seed)
+    runs.csv        one row per (task, arm, seed), with the commit that finished the run
     rounds.csv      one row per (task, arm, seed, round): mean Dice, per-site and unseen Dice
     plots/*.png     Dice over rounds per arm (mean over seeds, band +- std), one plot per task
                     and arm group
@@ -346,10 +346,29 @@ class Run:
     status: str = "pending"  # pending | done | failed | skipped
     wall_s: float = 0.0
     reason: str = ""
+    code: str = ""  # code_version() of the harness call that finished the run ("": not recorded)
 
     @property
     def run_dir(self) -> Path:
         return self.folder / "run"
+
+
+def code_version() -> str:
+    """The commit of this checkout, "+changes" appended when its tracked Python files differ from
+    it, "" outside a git checkout. A cached run is keyed by its settings, not by the code, so each
+    run records which code finished it (`wall.json`, the `code` column of runs.csv)."""
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    head = git("rev-parse", "--short=12", "HEAD")
+    if not head:
+        return ""
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", "*.py")
+    return head + ("+changes" if changed else "")
 
 
 def _last_round(run_dir: Path) -> int:
@@ -539,6 +558,7 @@ def run_record(run: Run, base_run: Path, unseen: dict) -> dict:
                                        *HEADROOM_KEYS)}
         reliability[site]["state_last"] = per_round[-1].get("state") if per_round else None
     return {"task": run.task, "arm": run.arm, "seed": run.seed, "status": run.status, "wall_s": run.wall_s,
+            "code": run.code if run.simulated else None,  # None: the untouched base, not simulated
             "rounds": rounds, "peak": peak, "last": last, "falls": falls, "reliability": reliability}
 
 
@@ -685,12 +705,13 @@ def write_csvs(out: Path, rows: list[dict], records: list[dict]) -> None:
     with (out / "runs.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["task", "arm", "seed", "status", "wall_s", "base_dice", "peak_round", "peak_dice",
-                         "last_round", "last_dice", "falls", "peak_unseen_dice", "last_unseen_dice"])
+                         "last_round", "last_dice", "falls", "peak_unseen_dice", "last_unseen_dice", "code"])
         for r in records:
             rd = r["rounds"]
             writer.writerow([r["task"], r["arm"], r["seed"], r["status"], round(r["wall_s"], 1), _r(rd[0]["mean_dice"]),
                              r["peak"], _r(rd[r["peak"]]["mean_dice"]), r["last"], _r(rd[r["last"]]["mean_dice"]),
-                             r["falls"], _r(rd[r["peak"]]["unseen_mean_dice"]), _r(rd[r["last"]]["unseen_mean_dice"])])
+                             r["falls"], _r(rd[r["peak"]]["unseen_mean_dice"]), _r(rd[r["last"]]["unseen_mean_dice"]),
+                             r.get("code") or ""])
     with (out / "rounds.csv").open("w", newline="") as f:
         sites = sorted({s for r in records for x in r["rounds"].values() for s in x["sites"]})
         centres = sorted({s for r in records for x in r["rounds"].values() for s in x["unseen"]})
@@ -785,6 +806,13 @@ def markdown(rows: list[dict], records: list[dict], preset: Preset, command: str
     walls = [r["wall_s"] for r in records if r["wall_s"]]
     out += ["", f"Simulation time of the runs in this table: {sum(walls) / 60:.1f} min "
             f"({len(walls)} runs, median {statistics.median(walls) if walls else 0:.0f} s)." , ""]
+    codes = {}
+    for r in records:
+        if r.get("code") is not None:
+            codes[r["code"] or "not recorded"] = codes.get(r["code"] or "not recorded", 0) + 1
+    if codes:
+        out += ["Code that finished the runs (commit; `+changes`: its Python files differed from it): "
+                + ", ".join(f"`{c}` ({n} run{'s' * (n != 1)})" for c, n in sorted(codes.items())) + ".", ""]
     return "\n".join(out)
 
 
@@ -1008,6 +1036,7 @@ def _run_grid(preset: Preset, args, command: str, say) -> int:
                 continue
             if not complete:
                 say(f"run {label}: {run.rounds} preference rounds")
+                run.code = code_version()
                 ok, run.wall_s, reason = _simulate(consortium, run.run_dir, run.rounds, preset.cpus,
                                                    preset.timeout_s, run.folder / "sim.log")
                 if not ok:
@@ -1015,9 +1044,10 @@ def _run_grid(preset: Preset, args, command: str, say) -> int:
                     pending[label] = f"failed: {reason}"
                     continue
                 say(f"done {label} in {run.wall_s:.0f} s")
-                (run.folder / "wall.json").write_text(json.dumps({"wall_s": run.wall_s}))
+                (run.folder / "wall.json").write_text(json.dumps({"wall_s": run.wall_s, "code": run.code}))
             elif (run.folder / "wall.json").exists():
-                run.wall_s = json.loads((run.folder / "wall.json").read_text())["wall_s"]
+                finished = json.loads((run.folder / "wall.json").read_text())
+                run.wall_s, run.code = finished["wall_s"], finished.get("code", "")
         run.status = "done"
         if task.name not in evaluators:
             evaluators[task.name] = UnseenEvaluator(task, consortium_dict(task, seed, None)["model"]) if task.unseen else None

@@ -7,6 +7,8 @@ Two demo lung sites at 32 px, a tiny UNet, two arms (the untouched base and RN-D
 from __future__ import annotations
 
 import csv
+import re
+import subprocess
 import textwrap
 from pathlib import Path
 
@@ -91,6 +93,17 @@ def test_tiny_grid_writes_table_csv_and_plots(tmp_path, capsys):
     # the round's headroom on calibration: the best of K is at least the model's own mask and the pick
     identity, best, pick = (float(rn[f"{k}_mean"]) for k in ("dice_identity", "dice_best", "dice_pick"))
     assert 0.0 < identity <= best and pick <= best
+
+    # each simulated run records the commit that finished it (a cached run is keyed by settings, not code)
+    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    with (out / "runs.csv").open() as f:
+        codes = {row["arm"]: row["code"] for row in csv.DictReader(f)}
+    assert codes["base"] == ""  # the untouched base is not simulated
+    if head.returncode == 0:
+        assert re.fullmatch(re.escape(head.stdout.strip()) + r"(\+changes)?", codes["rn_dpo"]), codes
+        assert f"`{codes['rn_dpo']}` (1 run)" in (out / "results.md").read_text()
+    else:  # not a git checkout
+        assert codes["rn_dpo"] == ""
 
     with (out / "rounds.csv").open() as f:
         rounds = [r for r in csv.DictReader(f) if r["arm"] == "rn_dpo"]
