@@ -57,6 +57,8 @@ def main(argv=None) -> int:
     parser.add_argument("--base", required=True, type=Path, help="a cached base folder of benchmarks/experiments.py")
     parser.add_argument("--fold-steps", type=int, default=QualityJudgeConfig.fold_steps,
                         help="steps of each out-of-fold segmenter (default: quality_judge's default)")
+    parser.add_argument("--folds", type=int, default=QualityJudgeConfig.folds,
+                        help="out-of-fold segmenters a site (default: quality_judge's default)")
     parser.add_argument("--rounds", type=int, default=QualityJudgeConfig.rounds, help="judge rounds (federated)")
     parser.add_argument("--steps", type=int, default=QualityJudgeConfig.steps, help="local steps a judge round")
     parser.add_argument("--rank-weight", type=float, default=QualityJudgeConfig.rank_weight,
@@ -72,7 +74,7 @@ def main(argv=None) -> int:
         parser.error(f"--judges takes a comma-separated subset of {','.join(KINDS)}, got {args.judges!r}")
     cfg, checkpoint, model = load_base(args.base)
     quality = dataclasses.replace(cfg.quality_judge or QualityJudgeConfig(), fold_steps=args.fold_steps,
-                                  rounds=args.rounds, steps=args.steps, rank_weight=args.rank_weight)
+                                  folds=args.folds, rounds=args.rounds, steps=args.steps, rank_weight=args.rank_weight)
     sites = [load_site(path) for path in cfg.sites]
     data = {site.name: load_site_data(site, splits=("labeled", "calibration")) for site in sites}
     started = time.perf_counter()

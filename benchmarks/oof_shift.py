@@ -1,7 +1,7 @@
 """Do a judge's training masks look like the masks it grades? (prints figures; not a test)
 
     python benchmarks/oof_shift.py --base runs/experiments/signal/bases/polyp-seed0-<digest> --cache DIR
-                                   [--fold-steps 300]
+                                   [--fold-steps 300] [--folds 3]
 
 A learned or federated judge learns from out-of-fold proposals on a site's labelled split and
 grades the current model's proposals on unseen images. Per site and proposal source this prints
@@ -38,9 +38,11 @@ def main(argv=None) -> int:
     parser.add_argument("--base", required=True, type=Path, help="a cached base folder of benchmarks/experiments.py")
     parser.add_argument("--cache", required=True, type=Path, help="benchmarks/judges.py's --cache folder")
     parser.add_argument("--fold-steps", type=int, default=300, help="steps of each out-of-fold segmenter")
+    parser.add_argument("--folds", type=int, default=QualityJudgeConfig.folds, help="out-of-fold segmenters a site")
     args = parser.parse_args(argv)
     cfg, _, model = load_base(args.base)
-    quality = dataclasses.replace(cfg.quality_judge or QualityJudgeConfig(), fold_steps=args.fold_steps)
+    quality = dataclasses.replace(cfg.quality_judge or QualityJudgeConfig(), fold_steps=args.fold_steps,
+                                  folds=args.folds)
     labels = proposal_labels(cfg.preference.proposals)
     for path in cfg.sites:
         site = load_site(path)
