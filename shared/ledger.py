@@ -14,9 +14,9 @@ Each preference round a site reports how its judge did on its calibration split.
   probation_below: still aggregated with its small factor, sent conservative settings for the next
   round: `skip_top` mining, a score gap of at least 0.05, beta halved), `excluded` (bound <
   exclude_below: its judge steers nothing until its bound recovers; it keeps measuring its judge on
-  calibration and reporting, so recovery is seen. Under `excluded_steps: preference` it keeps
-  taking preference steps whose update weighs nothing; under `anchor` it takes the control's
-  anchor-only steps, weighed by its labelled images, so the consortium keeps its labels);
+  calibration and reporting, so recovery is seen. Under `excluded_steps: anchor` (the default) it
+  takes the control's anchor-only steps, weighed by its labelled images, so the consortium keeps
+  its labels; under `preference` it keeps taking preference steps whose update weighs nothing);
 - outcome check (`outcome_margin`, `outcome_rounds`): a judge can rank calibration masks well and
   still pull the model down. A round whose judged update lowered the site's calibration Dice by more
   than outcome_margin is harmful; outcome_rounds harmful rounds in a row exclude the site whatever
@@ -166,10 +166,11 @@ class Ledger:
         bound = record.bound()
         return 0.0 if bound is None else weight_factor(bound)
 
-    def settings_for(self, name: str, preference: PreferenceConfig, excluded_steps: str = "preference") -> PreferenceConfig:
+    def settings_for(self, name: str, preference: PreferenceConfig, excluded_steps: str = "anchor") -> PreferenceConfig:
         """The preference settings this site gets next round (see the module docstring). Under
         `excluded_steps: anchor` an excluded site gets `method: none`: the control's anchor-only
-        steps, which its judge does not steer (it is still measured on calibration)."""
+        steps, which its judge does not steer (it is still measured on calibration); without
+        anchor steps (`lambda_sup: 0`) it keeps its conservative preference settings."""
         state = self.site(name).state
         if state == TRUSTED:
             return preference
@@ -177,7 +178,7 @@ class Ledger:
             preference.mining, strategy="skip_top", min_gap=max(preference.mining.min_gap, 0.05)
         )
         conservative = dataclasses.replace(preference, mining=mining, beta=preference.beta / 2)
-        if state == EXCLUDED and excluded_steps == "anchor":
+        if state == EXCLUDED and excluded_steps == "anchor" and preference.lambda_sup > 0:
             return dataclasses.replace(conservative, method="none")
         return conservative
 

@@ -24,8 +24,9 @@ DEMO = Path(__file__).resolve().parents[1] / "data" / "demo" / "lung_cxr"
 
 def write_consortium(tmp_path: Path, judges: dict[str, str], *, supervised=1, preference=2,
                      min_sites=1, timeout=900, aggregation="reliability", missing_data: str | None = None,
-                     reference="round", excluded_steps="preference") -> Path:
-    """Site YAMLs (one per entry of `judges`: site name -> judge mapping) and a consortium YAML."""
+                     reference="round", excluded_steps: str | None = None) -> Path:
+    """Site YAMLs (one per entry of `judges`: site name -> judge mapping) and a consortium YAML
+    (`excluded_steps` None: the option's default)."""
     folders = {"montgomery": "montgomery", "shenzhen_a": "shenzhen_a", "shenzhen_b": "shenzhen_b"}
     site_files = []
     for name, judge in judges.items():
@@ -58,7 +59,7 @@ def write_consortium(tmp_path: Path, judges: dict[str, str], *, supervised=1, pr
           batch_pairs: 4
           reference: {reference}
           proposals: {{tta: [identity, hflip], mc_samples: 2, thresholds: [0.3, 0.5, 0.7]}}
-        aggregation: {{kind: {aggregation}, excluded_steps: {excluded_steps}}}
+        aggregation: {{kind: {aggregation}{f', excluded_steps: {excluded_steps}' if excluded_steps else ''}}}
         federation: {{min_sites: {min_sites}, round_timeout: {timeout}}}
         """))
     return consortium
@@ -82,10 +83,11 @@ def site_lines(run_dir: Path, site: str) -> list[dict]:
 
 
 def test_consortium_writes_consistent_ledger_metrics_and_checkpoints(tmp_path):
+    # excluded_steps preference (the rule before): the excluded site's updates weigh nothing in every round
     consortium = write_consortium(tmp_path, {
         "montgomery": "{kind: oracle}",
         "shenzhen_b": "{kind: oracle, invert: true}",
-    })
+    }, excluded_steps="preference")
     run_dir = run_sim(consortium)
 
     lines = metric_lines(run_dir)
@@ -130,13 +132,14 @@ def test_consortium_writes_consistent_ledger_metrics_and_checkpoints(tmp_path):
 
 
 def test_an_excluded_site_keeps_its_labels_in_the_consortium_with_anchor_steps(tmp_path):
-    """excluded_steps: anchor. The inverted judge is excluded after its first preference round
-    (its update then weighs nothing); from the next round it takes the control's anchor-only
-    steps, weighed by its labelled images, and still measures its judge on calibration."""
+    """excluded_steps: anchor, the default (not written in the YAML). The inverted judge is excluded
+    after its first preference round (its update then weighs nothing); from the next round it takes
+    the control's anchor-only steps, weighed by its labelled images, and still measures its judge."""
     consortium = write_consortium(tmp_path, {
         "montgomery": "{kind: oracle}",
         "shenzhen_b": "{kind: oracle, invert: true}",
-    }, preference=2, excluded_steps="anchor")
+    }, preference=2)
+    assert "excluded_steps" not in consortium.read_text()
     run_dir = run_sim(consortium)
     inverted = {line["round"]: line for line in site_lines(run_dir, "shenzhen_b")}
     assert inverted[2]["status"] == "excluded" and inverted[2]["weight"] == 0.0
