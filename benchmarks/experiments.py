@@ -355,8 +355,9 @@ class Run:
 
 def code_version() -> str:
     """The commit of this checkout, "+changes" appended when its tracked Python files differ from
-    it, "" outside a git checkout. A cached run is keyed by its settings, not by the code, so each
-    run records which code finished it (`wall.json`, the `code` column of runs.csv)."""
+    it ("+unknown" when git cannot say), "" outside a git checkout. A cached run is keyed by its
+    settings, not by the code, so each run records the code of the harness call that finished it,
+    taken when that call starts the run (`wall.json`, the `code` column of runs.csv)."""
     def git(*args: str) -> str | None:
         try:
             done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -368,7 +369,7 @@ def code_version() -> str:
     if not head:
         return ""
     changed = git("status", "--porcelain", "--untracked-files=no", "--", "*.py")
-    return head + ("+changes" if changed else "")
+    return head + ("+unknown" if changed is None else "+changes" if changed else "")
 
 
 def _last_round(run_dir: Path) -> int:

@@ -1,7 +1,7 @@
 """Every judge on the same proposals of the same base, one table (prints figures; not a test).
 
     python benchmarks/judges.py --base runs/experiments/signal/bases/polyp-seed0-<digest>
-                                [--fold-steps 600] [--rounds 3] [--steps 100] [--rank-weight 0]
+                                [--fold-steps 600] [--folds 3] [--rounds 3] [--steps 100] [--rank-weight 0]
                                 [--cache DIR] [--out FILE.md]
 
 On a cached supervised base of `benchmarks/experiments.py` (its `consortium.yaml`, `sites/` and
@@ -69,6 +69,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cache", type=Path, help="keep the out-of-fold proposals here, per site")
     parser.add_argument("--out", type=Path, help="also write the table to this markdown file")
     args = parser.parse_args(argv)
+    if args.folds < 2:
+        parser.error(f"--folds must be at least 2, got {args.folds}")
     kinds = [kind for kind in KINDS if kind in args.judges.split(",")]
     if not kinds or set(args.judges.split(",")) - set(KINDS):
         parser.error(f"--judges takes a comma-separated subset of {','.join(KINDS)}, got {args.judges!r}")

@@ -40,6 +40,8 @@ def main(argv=None) -> int:
     parser.add_argument("--fold-steps", type=int, default=300, help="steps of each out-of-fold segmenter")
     parser.add_argument("--folds", type=int, default=QualityJudgeConfig.folds, help="out-of-fold segmenters a site")
     args = parser.parse_args(argv)
+    if args.folds < 2:
+        parser.error(f"--folds must be at least 2, got {args.folds}")
     cfg, _, model = load_base(args.base)
     quality = dataclasses.replace(cfg.quality_judge or QualityJudgeConfig(), fold_steps=args.fold_steps,
                                   folds=args.folds)

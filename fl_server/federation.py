@@ -122,9 +122,11 @@ class ConsortiumStrategy:
         phase = str(config["phase"])
         messages = []
         self.held = set()
+        # only reliability weighting acts on an exclusion; fedavg, median and krum weigh the update as before
+        excluded_steps = self.cfg.aggregation.excluded_steps if self.cfg.aggregation.kind == "reliability" else "preference"
         for node_id in self.ready_nodes(grid):
             site = self.node_sites.get(node_id)
-            preference = (self.ledger.settings_for(site, self.cfg.preference, self.cfg.aggregation.excluded_steps)
+            preference = (self.ledger.settings_for(site, self.cfg.preference, excluded_steps)
                           if site else self.cfg.preference)
             if phase == "preference" and preference.method != self.cfg.preference.method:
                 self.held.add(site)

@@ -285,12 +285,13 @@ class AggregationConfig:
     outcome_rounds: int = field(default=2, metadata=_positive)
     # what a site whose judge the ledger excludes trains on: `anchor` (the control's anchor-only
     # steps on its labelled split, weighed by its labelled images like a gated site, so the
-    # consortium keeps its labels; docs/RESULTS.md: +0.040 Dice paired with a real judge, 3 seeds)
+    # consortium keeps its labels; docs/RESULTS.md: +0.039 Dice paired with a real judge, 3 seeds)
     # or `preference` (its judge's pairs, the update then weighing nothing; the rule before). With
     # lambda_sup 0 there are no anchor steps to take and `anchor` acts as `preference`. Either way
     # the site measures its judge on calibration every round, so an exclusion by the bound can
     # lift; one by the outcome check lasts the run under `anchor` (no judged update shows that the
-    # harm stopped). Only `kind: reliability` excludes.
+    # harm stopped). Only `kind: reliability` acts on it: fedavg, median and krum weigh an excluded
+    # site's update like any other, so there an excluded site keeps its preference steps.
     excluded_steps: str = field(default="anchor", metadata=_choice(*EXCLUDED_STEPS))
 
 

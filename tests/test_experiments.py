@@ -95,7 +95,10 @@ def test_tiny_grid_writes_table_csv_and_plots(tmp_path, capsys):
     assert 0.0 < identity <= best and pick <= best
 
     # each simulated run records the commit that finished it (a cached run is keyed by settings, not code)
-    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    except FileNotFoundError:  # no git on this machine
+        head = subprocess.CompletedProcess([], 1)
     with (out / "runs.csv").open() as f:
         codes = {row["arm"]: row["code"] for row in csv.DictReader(f)}
     assert codes["base"] == ""  # the untouched base is not simulated

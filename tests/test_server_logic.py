@@ -97,8 +97,11 @@ def test_the_server_sends_an_excluded_site_anchor_steps_and_marks_it_held(monkey
     monkeypatch.setattr(federation, "Message", lambda content, message_type, dst_node_id: SimpleNamespace(
         content=content, metadata=SimpleNamespace(dst_node_id=dst_node_id)))
     sent_methods = {}
-    for steps in ("preference", "anchor"):
-        strategy = ConsortiumStrategy(consortium(aggregation=AggregationConfig(excluded_steps=steps)), Ledger())
+    for steps in ("preference", "anchor", "anchor under fedavg"):
+        aggregation = (AggregationConfig(kind="fedavg") if steps == "anchor under fedavg"  # excluded_steps: the default
+                       else AggregationConfig(excluded_steps=steps))
+        assert aggregation.excluded_steps == ("anchor" if steps != "preference" else "preference")
+        strategy = ConsortiumStrategy(consortium(aggregation=aggregation), Ledger())
         strategy.node_sites = {11: "bad", 12: "good"}
         strategy.ready_nodes = lambda grid: [11, 12]
         for r in (1, 2):
@@ -110,7 +113,9 @@ def test_the_server_sends_an_excluded_site_anchor_steps_and_marks_it_held(monkey
         assert strategy.held == ({"bad"} if steps == "anchor" else set())
         outcomes = strategy.collect(3, "preference", messages, [], state())  # no reply: failed, still marked
         assert outcomes["bad"].held is (steps == "anchor") and outcomes["good"].held is False
-    assert sent_methods == {"preference": {"bad": "rn_dpo", "good": "rn_dpo"}, "anchor": {"bad": "none", "good": "rn_dpo"}}
+    # fedavg never acts on an exclusion, so the default does not hold a site back there either
+    assert sent_methods == {"preference": {"bad": "rn_dpo", "good": "rn_dpo"}, "anchor": {"bad": "none", "good": "rn_dpo"},
+                            "anchor under fedavg": {"bad": "rn_dpo", "good": "rn_dpo"}}
 
 
 def test_an_update_without_pairs_weighs_its_labelled_images_also_from_an_excluded_site():
@@ -132,8 +137,9 @@ def test_an_update_without_pairs_weighs_its_labelled_images_also_from_an_exclude
 
 
 def test_excluded_steps_loads_with_every_aggregation_and_refuses_unknown_values(tmp_path):
-    """The default, anchor, must not make a consortium that never excludes (fedavg) or has no
-    anchor steps (lambda_sup 0) invalid: there it changes nothing (see the ledger test above)."""
+    """The default, anchor, must not make a consortium that does not weigh by reliability (fedavg)
+    or has no anchor steps (lambda_sup 0) invalid: there the server and the ledger leave an
+    excluded site its preference steps (tests above)."""
     from shared.config import ConfigError, load_consortium
 
     def write(aggregation, preference="{}"):
