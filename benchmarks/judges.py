@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     data = {site.name: load_site_data(site, splits=("labeled", "calibration")) for site in sites}
     started = time.perf_counter()
     fold_training = dataclasses.replace(cfg.supervised, steps=quality.fold_steps)
-    oof = {name: _out_of_fold(args.cache, name, d["labeled"], cfg, fold_training, quality) for name, d in data.items()}
+    oof = {name: site_out_of_fold(args.cache, name, d["labeled"], cfg, fold_training, quality) for name, d in data.items()}
     print(f"out-of-fold proposals: {time.perf_counter() - started:.0f} s", flush=True)
 
     judges = {name: {"agreement": AgreementJudge(), "uncertainty": UncertaintyJudge()} for name in data}
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     return print_tables(lines, args.out)
 
 
-def _out_of_fold(cache: Path | None, site: str, labeled, cfg, fold_training, quality):
+def site_out_of_fold(cache: Path | None, site: str, labeled, cfg, fold_training, quality):
     """The site's out-of-fold proposals, made again, or kept in ``cache/<site>`` when given."""
     model_factory = lambda: model_from_config(cfg.model)  # noqa: E731
     if cache is None:

@@ -25,12 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from headroom import load_base  # noqa: E402  (benchmarks/, this script's folder)
-from shared.config import QualityJudgeConfig, load_site, to_dict  # noqa: E402
+from judges import site_out_of_fold  # noqa: E402  (the same cache, the same key)
+from shared.config import QualityJudgeConfig, load_site  # noqa: E402
 from shared.data import load_site_data  # noqa: E402
-from shared.judge_training import cached_out_of_fold_proposals  # noqa: E402
 from shared.proposals import generate_proposals, proposal_labels  # noqa: E402
 from shared.reliability import dice_scores  # noqa: E402
-from shared.site import model_from_config  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -49,11 +48,8 @@ def main(argv=None) -> int:
     for path in cfg.sites:
         site = load_site(path)
         data = load_site_data(site, splits=("labeled", "calibration"))
-        (args.cache / site.name).mkdir(parents=True, exist_ok=True)
-        oof = cached_out_of_fold_proposals(args.cache / site.name, data["labeled"], lambda: model_from_config(cfg.model),
-                                           {"model": to_dict(cfg.model)},
-                                           dataclasses.replace(cfg.supervised, steps=quality.fold_steps),
-                                           cfg.preference.proposals, quality.folds, "cpu", quality.seed)
+        oof = site_out_of_fold(args.cache, site.name, data["labeled"], cfg,
+                               dataclasses.replace(cfg.supervised, steps=quality.fold_steps), quality)
         graded = generate_proposals(model.eval(), data["calibration"].images, cfg.preference.proposals, "cpu", seed=0).masks
         train, use = dice_scores(oof, data["labeled"].masks), dice_scores(graded, data["calibration"].masks)
         best_train = torch.bincount(train.argmax(1), minlength=len(labels)).float() / len(train)
