@@ -295,3 +295,26 @@ def test_label_efficiency_and_headroom_capture_are_paired_by_seed(tmp_path):
     table = experiments.markdown(list(rows.values()), records, preset, "cmd", [])
     line = next(x for x in table.splitlines() if x.startswith("| rn_dpo | 3/1 |"))
     assert "0.70 ± 0.28" in line  # the label efficiency column, mean ± std over the two paired seeds
+
+
+def test_judge_shift_averages_only_the_rounds_that_mined(tmp_path):
+    """benchmarks/judge_shift.py: a gated round (no mining_* figures) is left out, calibration and
+    unlabelled figures are averaged over the rest, by hand."""
+    import json
+
+    from benchmarks import judge_shift
+
+    def site(rnd, gated, rel, mining=None, wilson=0.8):
+        train = {"gated": float(gated), "rel_spearman": rel, "rel_informative_pair_accuracy": rel,
+                 "rel_informative_wilson": wilson}
+        if mining is not None:
+            train.update(mining_spearman=mining, mining_informative_pair_accuracy=mining)
+        return {"kind": "site", "round": rnd, "phase": "preference", "site": "a", "train": train}
+
+    lines = [{"kind": "global", "round": 1, "phase": "preference"},
+             site(1, 0, 0.9, 0.5, wilson=0.7), site(2, 1, 0.1), site(3, 0, 0.7, 0.3, wilson=0.9)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    row = judge_shift.shift_rows(tmp_path)["a"]
+    assert row["rounds"] == 2
+    assert row["rel_spearman"] == pytest.approx(0.8) and row["mining_spearman"] == pytest.approx(0.4)
+    assert row["wilson"] == (0.7, 0.9)
