@@ -2,7 +2,7 @@
 
     python benchmarks/judges.py --base runs/experiments/signal/bases/polyp-seed0-<digest>
                                 [--fold-steps 600] [--folds 3] [--rounds 3] [--steps 100] [--rank-weight 0]
-                                [--cache DIR] [--out FILE.md]
+                                [--cache DIR] [--pool N] [--out FILE.md]
 
 On a cached supervised base of `benchmarks/experiments.py` (its `consortium.yaml`, `sites/` and
 last checkpoint) this measures, at every training site, on its calibration split, with the
@@ -20,7 +20,11 @@ Both learned judges train on the same out-of-fold proposals (k segmenters traine
 steps on k-1 folds of each site's labelled split) and the same number of steps per site, so the
 only difference between them is whose labels taught them. The within-image Spearman, the
 informative pairs (true-Dice gap >= the consortium's informative_gap, both masks plausible), their
-accuracy and Wilson bound, and the Dice of each judge's pick against identity and best-of-K.
+accuracy, the images or groups that hold them (the units), the Wilson bound with a trial a unit
+(the ledger's, `bound_counts: units`) and with a trial a pair (the rule before), and the Dice of each judge's pick against identity and best-of-K.
+`--pool N` measures every judge again on N frames of each site's unlabelled split, where a
+simulated site has the masks (the judge is used there, never measured there): whether the
+calibration bound holds on the frames the judge steers the model with.
 `--rank-weight` adds the within-image ranking term to both learned judges' training; `--cache DIR`
 keeps each site's out-of-fold proposals there (`DIR/<site>/judge_oof.pt`, the sites' own cache), so
 a second run with other judge settings skips the segmenters.
@@ -34,6 +38,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -45,11 +51,12 @@ from shared.judge_training import (  # noqa: E402
     cached_out_of_fold_proposals, consortium_judge, initial_judge_state, out_of_fold_proposals)
 from shared.judges import AgreementJudge, UncertaintyJudge  # noqa: E402
 from shared.site import model_from_config  # noqa: E402
-from shared.training import calibration_reliability  # noqa: E402
+from shared.reliability import wilson_lower_bound  # noqa: E402
+from shared.training import calibration_reliability, subset  # noqa: E402
 
 KINDS = ("federated", "learned", "agreement", "uncertainty")
-COLUMNS = ("spearman", "informative_pairs", "informative_pair_accuracy", "informative_wilson", "pair_accuracy",
-           "dice_identity", "dice_best", "dice_pick")
+COLUMNS = ("spearman", "informative_pairs", "informative_units", "informative_pair_accuracy", "informative_wilson", "pair_accuracy", "dice_identity", "dice_best", "dice_pick")
+POOL_COLUMNS = ("spearman", "informative_pair_accuracy", "dice_identity", "dice_pick")
 
 
 def main(argv=None) -> int:
@@ -67,6 +74,8 @@ def main(argv=None) -> int:
                         help="seeds both learned judges' starting weights and draws (not the out-of-fold segmenters)")
     parser.add_argument("--judges", default=",".join(KINDS), help=f"which judges to measure (default {','.join(KINDS)})")
     parser.add_argument("--cache", type=Path, help="keep the out-of-fold proposals here, per site")
+    parser.add_argument("--pool", type=int, default=0,
+                        help="also measure on this many frames of each site's unlabelled split (it needs their masks)")
     parser.add_argument("--out", type=Path, help="also write the table to this markdown file")
     args = parser.parse_args(argv)
     if args.folds < 2:
@@ -78,7 +87,11 @@ def main(argv=None) -> int:
     quality = dataclasses.replace(cfg.quality_judge or QualityJudgeConfig(), fold_steps=args.fold_steps,
                                   folds=args.folds, rounds=args.rounds, steps=args.steps, rank_weight=args.rank_weight)
     sites = [load_site(path) for path in cfg.sites]
-    data = {site.name: load_site_data(site, splits=("labeled", "calibration")) for site in sites}
+    if args.pool < 0:
+        parser.error(f"--pool must be >= 0, got {args.pool}")
+    data = {site.name: load_site_data(site, splits=("labeled", "calibration") + (("unlabeled",) if args.pool else ()))
+            for site in sites}
+    pools = {name: pool_sample(d["unlabeled"], args.pool, cfg.seed, name) for name, d in data.items()} if args.pool else {}
     started = time.perf_counter()
     fold_training = dataclasses.replace(cfg.supervised, steps=quality.fold_steps)
     oof = {name: site_out_of_fold(args.cache, name, d["labeled"], cfg, fold_training, quality) for name, d in data.items()}
@@ -114,17 +127,42 @@ def main(argv=None) -> int:
              + f"; judges trained {quality.rounds} x {quality.steps} steps, out-of-fold segmenters "
                f"{quality.folds} x {quality.fold_steps} steps, ranking term weight {quality.rank_weight:g}, "
                f"judge seed {args.judge_seed}.", "",
-             "| judge | site | within-image Spearman | informative pairs | informative pair acc. | Wilson bound | "
-             "pair acc. (mined) | identity | best-of-K | pick |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| judge | site | within-image Spearman | informative pairs | units | "
+             "informative pair acc. | Wilson bound (a trial a unit) | Wilson bound (a trial a pair) | "
+             "pair acc. (mined) | identity | best-of-K | pick |"
+             + (" pool: Spearman | pool: informative acc. | pool: identity | pool: pick |" if pools else ""),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|---|" if pools else "")]
+    if pools:
+        lines[0] += (" Pool: " + ", ".join(f"{name} {len(pool.names)}" for name, pool in pools.items())
+                     + " unlabelled frames, measured with their masks.")
     for kind in kinds:
         for name, d in data.items():
-            figures, _ = calibration_reliability(model, d["calibration"], judges[name][kind], cfg.preference.mining,
-                                                 cfg.preference.proposals, "cpu", seed=cfg.seed,
-                                                 informative_gap=cfg.aggregation.informative_gap)
+            figures = measure(model, d["calibration"], judges[name][kind], cfg)
             cells = [kind, name] + [_cell(figures.get(key)) for key in COLUMNS]
+            per_pair = wilson_lower_bound(figures["informative_pair_accuracy"] * figures["informative_pairs"],
+                                          figures["informative_pairs"])
+            cells.insert(2 + COLUMNS.index("informative_wilson") + 1, _cell(per_pair))
+            if pools:
+                pool_figures = measure(model, pools[name], judges[name][kind], cfg)
+                cells += [_cell(pool_figures.get(key)) for key in POOL_COLUMNS]
             lines.append("| " + " | ".join(cells) + " |")
             print(lines[-1], flush=True)
     return print_tables(lines, args.out)
+
+
+def measure(model, split, judge, cfg) -> dict:
+    """The judge on one split with masks, as a preference round measures it on calibration."""
+    figures, _ = calibration_reliability(model, split, judge, cfg.preference.mining, cfg.preference.proposals, "cpu",
+                                         seed=cfg.seed, informative_gap=cfg.aggregation.informative_gap)
+    return figures
+
+
+def pool_sample(unlabeled, n: int, seed: int, site: str):
+    """``n`` frames of the unlabelled split drawn with ``seed`` (all of them when it holds fewer)."""
+    if unlabeled.masks is None:
+        raise SystemExit(f"judges: --pool: the unlabelled split of {site} has no masks to measure with")
+    order = torch.randperm(len(unlabeled.names), generator=torch.Generator().manual_seed(seed))
+    return subset(unlabeled, order[:n])
 
 
 def site_out_of_fold(cache: Path | None, site: str, labeled, cfg, fold_training, quality):

@@ -40,13 +40,14 @@ CATEGORIES = ("config", "data", "training", "evaluation", "out-of-memory", "too-
 # out, not imported: a figure someone adds there stays at the site until it is listed here.
 _CALIBRATION = ("pair_accuracy", "spearman", "pair_gain", "n_pairs", "n_images", "n_ranked_images",
                 "dice_identity", "dice_best", "dice_pick", "dice_chosen", "chosen_over_identity",
-                "implausible_fraction", "informative_pairs", "informative_pair_accuracy", "informative_wilson")
+                "implausible_fraction", "informative_pairs", "informative_pair_accuracy", "informative_units",
+                "informative_wilson")
 _MINING = ("images", "proposals_per_image", "pairs", "pairs_per_image", "images_with_pairs", "score_gap_mean",
            "disagreement_q10", "disagreement_q50", "disagreement_q90", "implausible_fraction",
            "seconds_proposals", "seconds_judge", "seconds_mining",
            "pair_accuracy", "spearman", "pair_gain", "n_pairs", "n_ranked_images",
            "dice_identity", "dice_best", "dice_pick", "dice_chosen", "chosen_over_identity",
-           "informative_pairs", "informative_pair_accuracy", "informative_wilson")
+           "informative_pairs", "informative_pair_accuracy", "informative_units", "informative_wilson")
 _STEPS = ("loss", "pref_loss", "sup_loss", "margin", "reward_acc", "steps")
 _TEST = ("dice", "hd95", "hd95_undefined", "n_images")
 # the evaluate reply's calibration Dice of the global model (the server's model selection)

@@ -75,7 +75,8 @@ def _holder(lock: Path) -> str:
 # at their default, so that a run made before a setting existed still resumes
 ADDED_LATER = {"quality_judge": None}
 # options added later inside a section, likewise: (section, option) -> the value that behaves as before
-OPTIONS_ADDED_LATER = {("quality_judge", "rank_weight"): 0.0, ("aggregation", "excluded_steps"): "preference"}
+OPTIONS_ADDED_LATER = {("quality_judge", "rank_weight"): 0.0, ("aggregation", "excluded_steps"): "preference",
+                       ("aggregation", "bound_counts"): "pairs"}
 
 
 def config_hash(cfg: ConsortiumConfig) -> str:

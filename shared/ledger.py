@@ -4,8 +4,12 @@ Each preference round a site reports how its judge did on its calibration split.
 `aggregation.statistic: wilson` (the default) the ledger acts on a confidence bound:
 
 - evidence: the informative pairs of calibration (plausible proposals whose true Dice differs by
-  at least `informative_gap`; shared.reliability), counted and scored by the site with the
-  consortium's base mining settings, so probation never changes what is measured;
+  at least `informative_gap`; shared.reliability), scored by the site with the consortium's base
+  mining settings, so probation never changes what is measured, and counted in units, not pairs
+  (`bound_counts: units`, the default: the images that hold them, or their videos or patients
+  where the site sets `data.groups`, since the pairs of one unit share its errors; a reply
+  without `informative_units`, from a site before it, counts its pairs, as `bound_counts: pairs`,
+  the rule before, does);
 - pooling: correct and total counts are decayed sums, C <- c + (1 - ema) C and N <- n + (1 - ema) N.
   The point estimate C / N then weighs rounds exactly as the EMA of the accuracy did (recent rounds
   count more, since the model and its proposals change), but by their evidence, and N says how
@@ -85,7 +89,7 @@ class SiteRecord:
     last_round: int = 0
     history: list[dict] = field(default_factory=list)
     revoked: int = 0  # the round its key was first seen revoked (fl-server revoke), 0: never
-    pooled: dict[str, float] = field(default_factory=dict)  # decayed informative counts: correct, pairs
+    pooled: dict[str, float] = field(default_factory=dict)  # decayed informative counts (units or pairs): correct, pairs
     harm_streak: int = 0  # consecutive rounds whose judged update lowered calibration Dice
 
     def bound(self) -> float | None:
@@ -122,10 +126,12 @@ class Ledger:
                 old = record.ema.get(key)
                 record.ema[key] = value if old is None else cfg.ema * value + (1 - cfg.ema) * old
         n_informative = float(figures.get("informative_pairs", 0))
-        if n_informative > 0:
-            correct = float(figures["informative_pair_accuracy"]) * n_informative
+        n_evidence = (min(float(figures.get("informative_units", n_informative)), n_informative)
+                      if cfg.bound_counts == "units" else n_informative)
+        if n_informative > 0 and n_evidence > 0:
+            correct = float(figures["informative_pair_accuracy"]) * n_evidence
             c, n = pooled_counts(record.pooled.get("correct", 0.0), record.pooled.get("pairs", 0.0),
-                                 correct, n_informative, cfg.ema)
+                                 correct, n_evidence, cfg.ema)
             record.pooled = {"correct": c, "pairs": n}
         gain = outcome_evidence(figures)
         if cfg.statistic == "ema_point":
@@ -140,7 +146,8 @@ class Ledger:
         record.history.append(
             {"round": round_number, **{k: float(figures.get(k, float("nan"))) for k in FIGURES},
              "n_pairs": int(figures.get("n_pairs", 0)),
-             "informative_pairs": int(n_informative),
+             "informative_pairs": int(n_informative), "informative_units": figures.get("informative_units"),
+             "evidence": n_evidence,
              "informative_pair_accuracy": figures.get("informative_pair_accuracy"),
              "bound": record.bound(), "outcome_gain": gain, "harm_streak": record.harm_streak,
              "state": record.state, "weight_factor": self.factor(name, cfg.statistic)}

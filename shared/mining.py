@@ -295,6 +295,7 @@ def mine_split(
     chunk_size: int = 64,
     seed: int = 0,
     informative_gap: float = 0.05,
+    units: torch.Tensor | None = None,
 ) -> tuple[MinedPairs, dict]:
     """Proposals -> judge -> mining over a whole split, chunk by chunk, keeping only the pairs.
 
@@ -312,6 +313,8 @@ def mine_split(
         seed: seeds the MC-dropout proposals and the ``top_random`` choices.
         informative_gap: with truth, the true-Dice gap of the informative pairs
             (``reliability.informative_report``; measured over plausible proposals, not mined pairs).
+        units: with truth, (N,) each image's unit, a trial of the informative pairs' confidence
+            bound (its `data.groups` group); None: every image is its own.
 
     Returns:
         ``(pairs, stats)``: MinedPairs with ``image_index`` into ``images``, and plain numbers:
@@ -320,7 +323,8 @@ def mine_split(
         ``disagreement_q10 / q50 / q90`` (fractions of the image; all 0.0 without pairs),
         ``seconds_proposals / seconds_judge / seconds_mining``, and with truth the keys of
         ``reliability_report`` (pair_accuracy, spearman, pair_gain, ...), of ``informative_report``
-        (informative_pairs, informative_pair_accuracy, informative_wilson) and the headroom:
+        (informative_pairs, informative_pair_accuracy, informative_units, informative_wilson) and
+        the headroom:
         ``dice_identity`` (mean true Dice of the model's own prediction), ``dice_best`` (of the
         best plausible proposal: what a perfect judge would pick), ``dice_pick`` (of the judge's
         top plausible proposal), ``dice_chosen`` (of the chosen masks of the mined pairs) and
@@ -378,7 +382,7 @@ def mine_split(
             table = {"scores": torch.zeros(0, k), "dice": torch.zeros(0, k), "pairs": torch.zeros(0, 3, dtype=torch.long),
                      "allowed": torch.zeros(0, k, dtype=torch.bool), "identity": torch.zeros(0)}
         stats.update(reliability_report(table["scores"], table["dice"], table["pairs"]))
-        stats.update(informative_report(table["scores"], table["dice"], table["allowed"], informative_gap))
+        stats.update(informative_report(table["scores"], table["dice"], table["allowed"], informative_gap, units))
         stats.update(headroom(table["scores"], table["dice"], table["allowed"], table["identity"], table["pairs"]))
         stats.pop("n_images", None)  # same as "images"
     return mined, stats

@@ -16,7 +16,11 @@ mask any judge ranks last), so the ledger acts on figures that do not:
   by at least ``gap`` (a gap on true Dice, so it cannot depend on a judge's score scale);
 - ``informative_pair_accuracy``: the share of them the judge orders like the truth (a score tie
   counts one half); ``informative_wilson``: its 95 % Wilson lower bound, which is low when the
-  pairs are few, so a handful of images cannot earn trust.
+  evidence is thin, so a handful of images cannot earn trust. The pairs of one image share its
+  image and the judge's errors on it, and the images of one video or patient (`data.groups`)
+  share theirs: the bound counts ``informative_units``, the images (or groups) that hold
+  informative pairs, as its trials, not the pairs. Nine images are nine trials however many
+  pairs they hold, and three videos are three.
 
 Dice of two empty masks is 1 throughout. Masks may be uint8, bool or float; nonzero is foreground.
 """
@@ -207,20 +211,27 @@ def informative_pairs(true_dice: torch.Tensor, allowed: torch.Tensor, gap: float
     return torch.stack([img, a, b], dim=1).long().reshape(-1, 3)
 
 
-def informative_report(scores: torch.Tensor, true_dice: torch.Tensor, allowed: torch.Tensor, gap: float) -> dict:
+def informative_report(scores: torch.Tensor, true_dice: torch.Tensor, allowed: torch.Tensor, gap: float,
+                       units: torch.Tensor | None = None) -> dict:
     """The judge on the informative pairs: ``informative_pairs`` (count),
-    ``informative_pair_accuracy`` (0.5 with none) and ``informative_wilson`` (its 95 % lower
-    bound, 0.0 with none). Independent of the mining settings by construction."""
+    ``informative_pair_accuracy`` (0.5 with none), ``informative_units`` (the images, or groups,
+    that hold them) and ``informative_wilson`` (the 95 % lower bound of the accuracy with one
+    trial a unit, 0.0 with none). ``units``: (N,) each image's unit (its `data.groups` group);
+    None: every image is its own. Independent of the mining settings by construction."""
     _check_table(scores, true_dice)
+    if units is not None and tuple(units.shape) != (scores.shape[0],):
+        raise ValueError(f"units must have one entry per image ({scores.shape[0]}), got {tuple(units.shape)}")
     pairs = informative_pairs(true_dice, allowed, gap)
     n = int(pairs.shape[0])
     if n == 0:
-        return {"informative_pairs": 0, "informative_pair_accuracy": 0.5, "informative_wilson": 0.0}
+        return {"informative_pairs": 0, "informative_pair_accuracy": 0.5, "informative_units": 0,
+                "informative_wilson": 0.0}
     s = scores.double()
     sa, sb = s[pairs[:, 0], pairs[:, 1]], s[pairs[:, 0], pairs[:, 2]]
-    correct = float(((sa > sb).double() + 0.5 * (sa == sb).double()).sum())
-    return {"informative_pairs": n, "informative_pair_accuracy": correct / n,
-            "informative_wilson": wilson_lower_bound(correct, n)}
+    accuracy = float(((sa > sb).double() + 0.5 * (sa == sb).double()).sum()) / n
+    n_units = int(torch.unique(pairs[:, 0] if units is None else units.long()[pairs[:, 0]]).numel())
+    return {"informative_pairs": n, "informative_pair_accuracy": accuracy, "informative_units": n_units,
+            "informative_wilson": wilson_lower_bound(accuracy * n_units, n_units)}
 
 
 # ----------------------------------------------------------------------------- internals

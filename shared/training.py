@@ -69,7 +69,7 @@ def supervised_round(
 CALIBRATION_FIGURES = ("pair_accuracy", "spearman", "pair_gain", "n_pairs", "images", "n_ranked_images",
                        "dice_identity", "dice_best", "dice_pick", "dice_chosen", "chosen_over_identity",
                        "implausible_fraction", "informative_pairs", "informative_pair_accuracy",
-                       "informative_wilson")
+                       "informative_units", "informative_wilson")
 
 
 def calibration_reliability(
@@ -88,12 +88,23 @@ def calibration_reliability(
     Returns the figures of CALIBRATION_FIGURES (``images`` renamed ``n_images``): the judge's
     reliability, its informative pairs (true-Dice gap ``informative_gap``) and the round's headroom
     (identity, best-of-K and judge-pick Dice). ``mining`` should be the consortium's base settings,
-    not a site's probation ones: the ledger's figure must not move because the site's state did."""
+    not a site's probation ones: the ledger's figure must not move because the site's state did.
+    The informative pairs' bound counts the split's `data.groups` groups (videos, patients) as its
+    trials, or its images when it has none (``reliability.informative_report``)."""
     _require_masks(calibration, "calibration")
     pairs, stats = mine_split(model, calibration.images, bind_to(judge, calibration.masks), mining, proposals_cfg,
-                              device, truth=calibration.masks, seed=seed, informative_gap=informative_gap)
+                              device, truth=calibration.masks, seed=seed, informative_gap=informative_gap,
+                              units=group_units(calibration))
     figures = {("n_images" if key == "images" else key): stats[key] for key in CALIBRATION_FIGURES}
     return figures, pairs if len(pairs) else None
+
+
+def group_units(split: SplitData) -> torch.Tensor | None:
+    """(N,) each image's `data.groups` group as an index, or None when the split has no groups."""
+    if split.groups is None:
+        return None
+    index = {group: i for i, group in enumerate(dict.fromkeys(split.groups))}
+    return torch.tensor([index[group] for group in split.groups], dtype=torch.long)
 
 
 def preference_round(
@@ -161,7 +172,7 @@ def preference_round(
     # the unlabelled masks (simulation only) reach the oracle and the measurements, never another judge
     pairs, mining_stats = mine_split(
         model, pool.images, bind_to(judge, pool.masks),
-        cfg.mining, cfg.proposals, device, truth=pool.masks, seed=seed,
+        cfg.mining, cfg.proposals, device, truth=pool.masks, seed=seed, units=group_units(pool),
     )
     metrics.update({f"mining_{k}": float(v) for k, v in mining_stats.items() if _is_number(v)})
     metrics["pairs_used"] = len(pairs)

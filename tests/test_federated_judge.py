@@ -60,16 +60,22 @@ def test_runs_made_before_quality_judge_existed_keep_their_fingerprint(tmp_path)
     import json
 
     cfg = load_consortium(_consortium(tmp_path, quality=None, montgomery="{kind: agreement}"))
-    # excluded_steps at the rule every earlier run had (its default is anchor since)
-    cfg = dataclasses.replace(cfg, aggregation=dataclasses.replace(cfg.aggregation, excluded_steps="preference"))
+    # excluded_steps and bound_counts at the rule every earlier run had (their defaults are anchor and units since)
+    cfg = dataclasses.replace(cfg, aggregation=dataclasses.replace(cfg.aggregation, excluded_steps="preference",
+                                                                   bound_counts="pairs"))
     before = to_dict(cfg)  # what config_hash hashed before the key existed (and before excluded_steps)
     before.pop("run_dir"), before.pop("quality_judge"), before["aggregation"].pop("excluded_steps")
+    before["aggregation"].pop("bound_counts")
     assert config_hash(cfg) == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
     assert config_hash(dataclasses.replace(cfg, quality_judge=QualityJudgeConfig())) != config_hash(cfg)
+    # a run made before the bound counted units does not resume under the new rule
+    units = dataclasses.replace(cfg, aggregation=dataclasses.replace(cfg.aggregation, bound_counts="units"))
+    assert config_hash(units) != config_hash(cfg)
     # a run made with a quality judge before its ranking term existed: the term at 0 hashes as before
     judged = dataclasses.replace(cfg, quality_judge=QualityJudgeConfig())
     before = to_dict(judged)
     before.pop("run_dir"), before["quality_judge"].pop("rank_weight"), before["aggregation"].pop("excluded_steps")
+    before["aggregation"].pop("bound_counts")
     assert config_hash(judged) == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
     ranked = dataclasses.replace(judged, quality_judge=QualityJudgeConfig(rank_weight=1.0))
     assert config_hash(ranked) != config_hash(judged)
@@ -182,7 +188,10 @@ def test_every_site_trains_the_judge_it_is_checkpointed_and_resumes(tmp_path):
     title = round_table(round_two).splitlines()[0]
     assert f"quality judge trained (1 rounds, 2 sites, loss {judge_lines[0]['mean_loss']:.3f})" in title
     federated = [line for line in metric_lines(straight) if line.get("site") == "montgomery" and line["phase"] == "preference"]
-    assert len(federated) == 2 and all(line["status"] == "ok" and "rel_spearman" in line["train"] for line in federated)
+    # measured with the consortium's judge every round; on 5 calibration images (5 trials of the bound) the
+    # ledger may hold it to anchor-only steps, and it still measures its judge
+    assert len(federated) == 2 and all(line["status"] in ("ok", "excluded", "anchor") and "rel_spearman" in line["train"]
+                                       for line in federated)
 
     stopped = run_sim(consortium, run_dir=tmp_path / "stopped", stop_after=2)
     run_sim(consortium, run_dir=stopped, resume=True)

@@ -468,6 +468,26 @@ def test_the_wilson_ledger_acts_on_evidence_not_on_the_point_estimate():
     assert history["bound"] == pytest.approx(0.7112, abs=1e-4) and history["informative_pairs"] == 100
 
 
+def test_the_ledger_counts_units_not_pairs():
+    ledger = Ledger()
+    # 100 pairs right 80 % of the time, from 10 images: 10 trials, (8, 10): bound 0.4902
+    ledger.record_reliability("images", 1, informative(0.8, 100, informative_units=10), WILSON)
+    assert ledger.site("images").pooled == {"correct": pytest.approx(8.0), "pairs": 10.0}
+    assert ledger.site("images").bound() == pytest.approx(0.4902, abs=1e-4) and ledger.site("images").state == EXCLUDED
+    history = ledger.site("images").history[-1]
+    assert history["informative_pairs"] == 100 and history["informative_units"] == 10 and history["evidence"] == 10.0
+    # a reply without the figure (a site of an earlier version) counts its pairs, as before: (80, 100)
+    ledger.record_reliability("old", 1, informative(0.8, 100), WILSON)
+    assert ledger.site("old").bound() == pytest.approx(0.7112, abs=1e-4)
+    # so does the rule before, `bound_counts: pairs`
+    pairs_rule = dataclasses.replace(WILSON, bound_counts="pairs")
+    ledger.record_reliability("rule", 1, informative(0.8, 100, informative_units=10), pairs_rule)
+    assert ledger.site("rule").bound() == pytest.approx(0.7112, abs=1e-4) and ledger.site("rule").state == TRUSTED
+    # a site cannot claim more units than pairs
+    ledger.record_reliability("boast", 1, informative(0.8, 10, informative_units=1000), WILSON)
+    assert ledger.site("boast").pooled["pairs"] == 10.0
+
+
 def test_a_round_without_informative_pairs_leaves_the_bound_and_state_alone():
     ledger = Ledger()
     ledger.record_reliability("a", 1, informative(1.0, 100), WILSON)

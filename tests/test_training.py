@@ -26,6 +26,7 @@ from shared.model import build_model, seed_everything
 from shared.training import (
     CALIBRATION_FIGURES,
     calibration_reliability,
+    group_units,
     preference_round,
     sample_unlabeled,
     supervised_round,
@@ -291,6 +292,23 @@ def test_calibration_reliability_runs_through_mine_split(tiny):
     figures, pairs = calibration_reliability(base, empty, template, MiningConfig(), TINY_PROPOSALS, CPU)
     assert pairs is None and figures["n_images"] == 0 and figures["n_pairs"] == 0
     assert set(figures) == expected_keys and figures["pair_accuracy"] == 0.5  # every key, even with no image
+
+
+def test_the_calibration_bound_counts_the_splits_groups_as_its_units(tiny):
+    splits, base = tiny
+    calibration = splits["calibration"]
+    judge = AgreementJudge()  # a judge short of perfect: its pairs' accuracy varies between images
+    # the tiny proposals are close: a gap of 0.005 finds informative pairs among them
+    by_image, _ = calibration_reliability(base, calibration, judge, MiningConfig(), TINY_PROPOSALS, CPU, informative_gap=0.005)
+    grouped = dataclasses.replace(calibration, groups=["video_a", "video_b"] * 4)
+    by_video, _ = calibration_reliability(base, grouped, judge, MiningConfig(), TINY_PROPOSALS, CPU, informative_gap=0.005)
+    assert group_units(grouped).tolist() == [0, 1] * 4 and group_units(calibration) is None
+    assert by_image["informative_pairs"] == by_video["informative_pairs"] > 0
+    assert by_image["informative_pair_accuracy"] == by_video["informative_pair_accuracy"]
+    assert 2 < by_image["informative_units"] <= 8  # the images that hold an informative pair
+    assert by_video["informative_units"] == 2
+    # two videos are two trials, fewer than the images, and the bound says so
+    assert by_video["informative_wilson"] < by_image["informative_wilson"]
 
 
 def test_round_metrics_carry_the_calibration_figures(tiny):
