@@ -55,7 +55,8 @@ from shared.reliability import wilson_lower_bound  # noqa: E402
 from shared.training import calibration_reliability, subset  # noqa: E402
 
 KINDS = ("federated", "learned", "agreement", "uncertainty")
-COLUMNS = ("spearman", "informative_pairs", "informative_units", "informative_pair_accuracy", "informative_wilson", "pair_accuracy", "dice_identity", "dice_best", "dice_pick")
+COLUMNS = ("spearman", "informative_pairs", "informative_units", "informative_pair_accuracy", "pair_accuracy",
+           "dice_identity", "dice_best", "dice_pick")
 POOL_COLUMNS = ("spearman", "informative_pair_accuracy", "dice_identity", "dice_pick")
 
 
@@ -128,8 +129,8 @@ def main(argv=None) -> int:
                f"{quality.folds} x {quality.fold_steps} steps, ranking term weight {quality.rank_weight:g}, "
                f"judge seed {args.judge_seed}.", "",
              "| judge | site | within-image Spearman | informative pairs | units | "
-             "informative pair acc. | Wilson bound (a trial a unit) | Wilson bound (a trial a pair) | "
-             "pair acc. (mined) | identity | best-of-K | pick |"
+             "informative pair acc. | pair acc. (mined) | identity | best-of-K | pick | "
+             "Wilson bound (a trial a unit) | Wilson bound (a trial a pair) |"
              + (" pool: Spearman | pool: informative acc. | pool: identity | pool: pick |" if pools else ""),
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|---|" if pools else "")]
     if pools:
@@ -138,10 +139,10 @@ def main(argv=None) -> int:
     for kind in kinds:
         for name, d in data.items():
             figures = measure(model, d["calibration"], judges[name][kind], cfg)
-            cells = [kind, name] + [_cell(figures.get(key)) for key in COLUMNS]
-            per_pair = wilson_lower_bound(figures["informative_pair_accuracy"] * figures["informative_pairs"],
-                                          figures["informative_pairs"])
-            cells.insert(2 + COLUMNS.index("informative_wilson") + 1, _cell(per_pair))
+            accuracy = figures["informative_pair_accuracy"]
+            bounds = [wilson_lower_bound(accuracy * figures[key], figures[key])
+                      for key in ("informative_units", "informative_pairs")]
+            cells = [kind, name] + [_cell(figures.get(key)) for key in COLUMNS] + [_cell(b) for b in bounds]
             if pools:
                 pool_figures = measure(model, pools[name], judges[name][kind], cfg)
                 cells += [_cell(pool_figures.get(key)) for key in POOL_COLUMNS]

@@ -36,7 +36,7 @@ METHODS = ("rn_dpo", "dpo", "pseudo_label", "entropy", "none")
 MINING_STRATEGIES = ("top_bottom", "top_random", "gap", "skip_top", "top_identity")
 AGGREGATIONS = ("reliability", "fedavg", "median", "krum")
 LEDGER_STATISTICS = ("wilson", "ema_point")
-BOUND_COUNTS = ("units", "pairs")
+BOUND_COUNTS = ("pairs", "units")
 EXCLUDED_STEPS = ("preference", "anchor")
 REFERENCES = ("round", "base")
 MODELS = MODEL_NAMES  # shared.networks: the MONAI 2D networks a consortium can train
@@ -294,11 +294,12 @@ class AggregationConfig:
     # harm stopped). Only `kind: reliability` acts on it: fedavg, median and krum weigh an excluded
     # site's update like any other, so there an excluded site keeps its preference steps.
     excluded_steps: str = field(default="anchor", metadata=_choice(*EXCLUDED_STEPS))
-    # what the Wilson bound counts as its trials: `units` (the calibration images that hold
-    # informative pairs, or their `data.groups` videos or patients: a unit's pairs share its
-    # image and the judge's errors on it) or `pairs` (every informative pair; the rule before,
-    # whose bound overstated the judge's accuracy on the unlabelled frames, docs/RESULTS.md section B)
-    bound_counts: str = field(default="units", metadata=_choice(*BOUND_COUNTS))
+    # what the Wilson bound counts as its trials: `pairs` (every informative pair) or `units` (the
+    # calibration images that hold informative pairs, or their `data.groups` videos or patients: a
+    # unit's pairs share its image and the judge's errors on it). docs/RESULTS.md section B: the
+    # `pairs` bound overstated the judges' accuracy on the unlabelled frames, the `units` bound did
+    # not, but on one seed `units` kept out the judge whose updates made the consortium's gain
+    bound_counts: str = field(default="pairs", metadata=_choice(*BOUND_COUNTS))
 
 
 @dataclass(frozen=True)

@@ -5,11 +5,10 @@ Each preference round a site reports how its judge did on its calibration split.
 
 - evidence: the informative pairs of calibration (plausible proposals whose true Dice differs by
   at least `informative_gap`; shared.reliability), scored by the site with the consortium's base
-  mining settings, so probation never changes what is measured, and counted in units, not pairs
-  (`bound_counts: units`, the default: the images that hold them, or their videos or patients
-  where the site sets `data.groups`, since the pairs of one unit share its errors; a reply
-  without `informative_units`, from a site before it, counts its pairs, as `bound_counts: pairs`,
-  the rule before, does);
+  mining settings, so probation never changes what is measured, and counted as pairs (`bound_counts:
+  pairs`, the default) or as units (`units`: the images that hold them, or their videos or
+  patients where the site sets `data.groups`, since the pairs of one unit share its errors; a
+  reply without `informative_units`, from a site before it, counts its pairs);
 - pooling: correct and total counts are decayed sums, C <- c + (1 - ema) C and N <- n + (1 - ema) N.
   The point estimate C / N then weighs rounds exactly as the EMA of the accuracy did (recent rounds
   count more, since the model and its proposals change), but by their evidence, and N says how

@@ -313,8 +313,8 @@ def mine_split(
         seed: seeds the MC-dropout proposals and the ``top_random`` choices.
         informative_gap: with truth, the true-Dice gap of the informative pairs
             (``reliability.informative_report``; measured over plausible proposals, not mined pairs).
-        units: with truth, (N,) each image's unit, a trial of the informative pairs' confidence
-            bound (its `data.groups` group); None: every image is its own.
+        units: with truth, (N,) each image's unit, counted in ``informative_units`` (its
+            `data.groups` group); None: every image is its own.
 
     Returns:
         ``(pairs, stats)``: MinedPairs with ``image_index`` into ``images``, and plain numbers:

@@ -16,11 +16,11 @@ mask any judge ranks last), so the ledger acts on figures that do not:
   by at least ``gap`` (a gap on true Dice, so it cannot depend on a judge's score scale);
 - ``informative_pair_accuracy``: the share of them the judge orders like the truth (a score tie
   counts one half); ``informative_wilson``: its 95 % Wilson lower bound, which is low when the
-  evidence is thin, so a handful of images cannot earn trust. The pairs of one image share its
-  image and the judge's errors on it, and the images of one video or patient (`data.groups`)
-  share theirs: the bound counts ``informative_units``, the images (or groups) that hold
-  informative pairs, as its trials, not the pairs. Nine images are nine trials however many
-  pairs they hold, and three videos are three.
+  pairs are few, so a handful of pairs cannot earn trust. The pairs of one image share its image
+  and the judge's errors on it, and the images of one video or patient (`data.groups`) share
+  theirs: ``informative_units`` counts the images (or groups) that hold informative pairs, the
+  trials of the ledger's bound under `aggregation.bound_counts: units` (nine images are nine
+  trials however many pairs they hold, three videos are three).
 
 Dice of two empty masks is 1 throughout. Masks may be uint8, bool or float; nonzero is foreground.
 """
@@ -216,7 +216,7 @@ def informative_report(scores: torch.Tensor, true_dice: torch.Tensor, allowed: t
     """The judge on the informative pairs: ``informative_pairs`` (count),
     ``informative_pair_accuracy`` (0.5 with none), ``informative_units`` (the images, or groups,
     that hold them) and ``informative_wilson`` (the 95 % lower bound of the accuracy with one
-    trial a unit, 0.0 with none). ``units``: (N,) each image's unit (its `data.groups` group);
+    trial a pair, 0.0 with none). ``units``: (N,) each image's unit (its `data.groups` group);
     None: every image is its own. Independent of the mining settings by construction."""
     _check_table(scores, true_dice)
     if units is not None and tuple(units.shape) != (scores.shape[0],):
@@ -231,7 +231,7 @@ def informative_report(scores: torch.Tensor, true_dice: torch.Tensor, allowed: t
     accuracy = float(((sa > sb).double() + 0.5 * (sa == sb).double()).sum()) / n
     n_units = int(torch.unique(pairs[:, 0] if units is None else units.long()[pairs[:, 0]]).numel())
     return {"informative_pairs": n, "informative_pair_accuracy": accuracy, "informative_units": n_units,
-            "informative_wilson": wilson_lower_bound(accuracy * n_units, n_units)}
+            "informative_wilson": wilson_lower_bound(accuracy * n, n)}
 
 
 # ----------------------------------------------------------------------------- internals

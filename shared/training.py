@@ -89,8 +89,8 @@ def calibration_reliability(
     reliability, its informative pairs (true-Dice gap ``informative_gap``) and the round's headroom
     (identity, best-of-K and judge-pick Dice). ``mining`` should be the consortium's base settings,
     not a site's probation ones: the ledger's figure must not move because the site's state did.
-    The informative pairs' bound counts the split's `data.groups` groups (videos, patients) as its
-    trials, or its images when it has none (``reliability.informative_report``)."""
+    ``informative_units`` counts the split's `data.groups` groups (videos, patients) that hold
+    informative pairs, or its images when it has none (``reliability.informative_report``)."""
     _require_masks(calibration, "calibration")
     pairs, stats = mine_split(model, calibration.images, bind_to(judge, calibration.masks), mining, proposals_cfg,
                               device, truth=calibration.masks, seed=seed, informative_gap=informative_gap,

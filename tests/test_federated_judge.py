@@ -60,7 +60,7 @@ def test_runs_made_before_quality_judge_existed_keep_their_fingerprint(tmp_path)
     import json
 
     cfg = load_consortium(_consortium(tmp_path, quality=None, montgomery="{kind: agreement}"))
-    # excluded_steps and bound_counts at the rule every earlier run had (their defaults are anchor and units since)
+    # excluded_steps and bound_counts at the rule every earlier run had (anchor is the default since; bound_counts: pairs is the default)
     cfg = dataclasses.replace(cfg, aggregation=dataclasses.replace(cfg.aggregation, excluded_steps="preference",
                                                                    bound_counts="pairs"))
     before = to_dict(cfg)  # what config_hash hashed before the key existed (and before excluded_steps)
@@ -188,8 +188,8 @@ def test_every_site_trains_the_judge_it_is_checkpointed_and_resumes(tmp_path):
     title = round_table(round_two).splitlines()[0]
     assert f"quality judge trained (1 rounds, 2 sites, loss {judge_lines[0]['mean_loss']:.3f})" in title
     federated = [line for line in metric_lines(straight) if line.get("site") == "montgomery" and line["phase"] == "preference"]
-    # measured with the consortium's judge every round; on 5 calibration images (5 trials of the bound) the
-    # ledger may hold it to anchor-only steps, and it still measures its judge
+    # measured with the consortium's judge every round (a site the ledger holds to anchor-only steps
+    # still measures its judge)
     assert len(federated) == 2 and all(line["status"] in ("ok", "excluded", "anchor") and "rel_spearman" in line["train"]
                                        for line in federated)
 

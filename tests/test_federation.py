@@ -18,7 +18,6 @@ from fl_client import client_app as our_client
 from fl_server.report import round_table
 from fl_sim import cli as sim
 from shared.config import load_consortium, load_consortium_sites
-from shared.reliability import wilson_lower_bound
 
 DEMO = Path(__file__).resolve().parents[1] / "data" / "demo" / "lung_cxr"
 
@@ -188,15 +187,11 @@ def test_crashed_and_nan_sites_do_not_stop_the_round(tmp_path):
     healthy = site_lines(run_dir, "montgomery")
     assert {line["status"] for line in healthy} == {"ok"}
     # the only update averaged in: all of the supervised round; in the preference round its judge's
-    # g (from the ledger's Wilson bound, under 1 with a trial a calibration image), the rest kept on
+    # g (from the ledger's Wilson bound, under 1 with a finite count of pairs), the rest kept on
     # the global model (damped)
     assert healthy[0]["weight"] == pytest.approx(1.0)
     assert healthy[1]["weight"] == pytest.approx(min(1.0, (healthy[1]["bound"] - 0.5) / 0.5))
-    train = healthy[1]["train"]
-    units, accuracy = train["rel_informative_units"], train["rel_informative_pair_accuracy"]
-    assert 0 < units <= train["rel_n_images"] and accuracy > 0.9  # the oracle orders the informative pairs
-    assert healthy[1]["bound"] == pytest.approx(wilson_lower_bound(accuracy * units, units))
-    assert healthy[1]["weight"] > 0
+    assert healthy[1]["weight"] > 0.5
 
     globals_ = [line for line in metric_lines(run_dir) if line["kind"] == "global"]
     assert all(line["aggregated"] for line in globals_)

@@ -174,9 +174,9 @@ def test_informative_report_by_hand():
     report = informative_report(torch.tensor([[3.0, 1.0, 2.0, 9.0]]), true_dice, allowed, 0.25)
     assert report["informative_pairs"] == 3
     assert report["informative_pair_accuracy"] == pytest.approx(2 / 3)
-    # three pairs of one image are one image's evidence: one trial
+    # three pairs of one image: one unit; the site's bound is a trial a pair
     assert report["informative_units"] == 1
-    assert report["informative_wilson"] == pytest.approx(wilson_lower_bound(2 / 3, 1))
+    assert report["informative_wilson"] == pytest.approx(wilson_lower_bound(2, 3))
     # a score tie counts one half: (0, 1) tied, the others right -> 2.5 / 3
     tie = informative_report(torch.tensor([[3.0, 3.0, 2.0, 9.0]]), true_dice, allowed, 0.25)
     assert tie["informative_pair_accuracy"] == pytest.approx(2.5 / 3)
@@ -196,11 +196,18 @@ def test_the_bound_counts_groups_not_images_when_the_split_has_them():
     # 16 pairs, 14 right (images 0-3: 3 right each; 4-5: 1 each; 6-7: 0 of 1 each): 0.875
     assert by_image["informative_pairs"] == by_video["informative_pairs"] == 16
     assert by_image["informative_pair_accuracy"] == by_video["informative_pair_accuracy"] == 14 / 16
-    # a trial an image (8), a trial a video (2), never a trial a pair (16)
+    # 8 images, 2 videos: the trials of the ledger's bound under bound_counts: units
     assert by_image["informative_units"] == 8 and by_video["informative_units"] == 2
-    assert by_image["informative_wilson"] == pytest.approx(wilson_lower_bound(0.875 * 8, 8))
-    assert by_video["informative_wilson"] == pytest.approx(wilson_lower_bound(0.875 * 2, 2))
-    assert by_video["informative_wilson"] < by_image["informative_wilson"] < wilson_lower_bound(14, 16)
+    assert by_image["informative_wilson"] == by_video["informative_wilson"] == pytest.approx(wilson_lower_bound(14, 16))
+    units = AggregationConfig(bound_counts="units")
+    bounds = {}
+    for name, report in (("image", by_image), ("video", by_video)):
+        ledger = Ledger()
+        ledger.record_reliability(name, 1, report, units)
+        bounds[name] = ledger.site(name).bound()
+    assert bounds["image"] == pytest.approx(wilson_lower_bound(0.875 * 8, 8))
+    assert bounds["video"] == pytest.approx(wilson_lower_bound(0.875 * 2, 2))
+    assert bounds["video"] < bounds["image"] < wilson_lower_bound(14, 16)
     with pytest.raises(ValueError, match="one entry per image"):
         informative_report(scores, true_dice, allowed, 0.05, units=torch.tensor([0, 1]))
 
@@ -243,8 +250,13 @@ def test_a_judge_inverted_on_informative_pairs_only_is_excluded():
     honest = _ledger_figures(true_dice, true_dice, allowed, masks)  # scores = true Dice
     ledger = Ledger()
     ledger.record_reliability("site", 1, honest, AggregationConfig())
-    # 45 of 45 right, 5 pairs in each of 9 images: 9 trials (not 45), bound
-    # 1 / (1 + 3.8416 / 9) = 0.7009 (0.9213 with a trial a pair), factor (0.7009 - 0.5) / 0.5
-    assert honest["informative_units"] == 9
+    # 45 of 45 right: bound 1 / (1 + 3.8416 / 45) = 0.9213, factor (0.9213 - 0.5) / 0.5
     assert ledger.site("site").state == TRUSTED
-    assert ledger.factor("site") == pytest.approx((0.7009 - 0.5) / 0.5, abs=1e-3)
+    assert ledger.factor("site") == pytest.approx((0.9213 - 0.5) / 0.5, abs=1e-3)
+    # with a trial an image (bound_counts: units) the 45 pairs of 9 images are 9 trials:
+    # 1 / (1 + 3.8416 / 9) = 0.7009
+    assert honest["informative_units"] == 9
+    by_image = Ledger()
+    by_image.record_reliability("site", 1, honest, AggregationConfig(bound_counts="units"))
+    assert by_image.site("site").state == TRUSTED
+    assert by_image.factor("site") == pytest.approx((0.7009 - 0.5) / 0.5, abs=1e-3)

@@ -162,6 +162,7 @@ def test_runs_made_before_excluded_steps_keep_their_fingerprint():
     cfg = consortium(aggregation=AggregationConfig(excluded_steps="preference"))  # the rule every earlier run had
     before = to_dict(cfg)  # what config_hash hashed before the option existed
     before.pop("run_dir"), before.pop("quality_judge"), before["aggregation"].pop("excluded_steps")
+    before["aggregation"].pop("bound_counts")  # added later too, at the rule before (pairs, still the default)
     assert config_hash(cfg) == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
     # the default since, anchor, behaves differently: a run made before it does not resume under it
     assert config_hash(consortium()) != config_hash(cfg)
@@ -468,24 +469,25 @@ def test_the_wilson_ledger_acts_on_evidence_not_on_the_point_estimate():
     assert history["bound"] == pytest.approx(0.7112, abs=1e-4) and history["informative_pairs"] == 100
 
 
-def test_the_ledger_counts_units_not_pairs():
+def test_under_bound_counts_units_the_ledger_counts_images_not_pairs():
+    units = dataclasses.replace(WILSON, bound_counts="units")
     ledger = Ledger()
     # 100 pairs right 80 % of the time, from 10 images: 10 trials, (8, 10): bound 0.4902
-    ledger.record_reliability("images", 1, informative(0.8, 100, informative_units=10), WILSON)
+    ledger.record_reliability("images", 1, informative(0.8, 100, informative_units=10), units)
     assert ledger.site("images").pooled == {"correct": pytest.approx(8.0), "pairs": 10.0}
     assert ledger.site("images").bound() == pytest.approx(0.4902, abs=1e-4) and ledger.site("images").state == EXCLUDED
     history = ledger.site("images").history[-1]
     assert history["informative_pairs"] == 100 and history["informative_units"] == 10 and history["evidence"] == 10.0
-    # a reply without the figure (a site of an earlier version) counts its pairs, as before: (80, 100)
-    ledger.record_reliability("old", 1, informative(0.8, 100), WILSON)
+    # a reply without the figure (a site of an earlier version) counts its pairs: (80, 100), bound 0.7112
+    ledger.record_reliability("old", 1, informative(0.8, 100), units)
     assert ledger.site("old").bound() == pytest.approx(0.7112, abs=1e-4)
-    # so does the rule before, `bound_counts: pairs`
-    pairs_rule = dataclasses.replace(WILSON, bound_counts="pairs")
-    ledger.record_reliability("rule", 1, informative(0.8, 100, informative_units=10), pairs_rule)
-    assert ledger.site("rule").bound() == pytest.approx(0.7112, abs=1e-4) and ledger.site("rule").state == TRUSTED
     # a site cannot claim more units than pairs
-    ledger.record_reliability("boast", 1, informative(0.8, 10, informative_units=1000), WILSON)
+    ledger.record_reliability("boast", 1, informative(0.8, 10, informative_units=1000), units)
     assert ledger.site("boast").pooled["pairs"] == 10.0
+    # the default, `bound_counts: pairs`: every informative pair a trial, whatever the units
+    ledger.record_reliability("default", 1, informative(0.8, 100, informative_units=10), WILSON)
+    assert WILSON.bound_counts == "pairs"
+    assert ledger.site("default").bound() == pytest.approx(0.7112, abs=1e-4) and ledger.site("default").state == TRUSTED
 
 
 def test_a_round_without_informative_pairs_leaves_the_bound_and_state_alone():
