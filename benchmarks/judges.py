@@ -132,7 +132,7 @@ def main(argv=None) -> int:
              "informative pair acc. | pair acc. (mined) | identity | best-of-K | pick | "
              "Wilson bound (a trial a unit) | Wilson bound (a trial a pair) |"
              + (" pool: Spearman | pool: informative acc. | pool: identity | pool: pick |" if pools else ""),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|---|" if pools else "")]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|---|" if pools else "")]
     if pools:
         lines[0] += (" Pool: " + ", ".join(f"{name} {len(pool.names)}" for name, pool in pools.items())
                      + " unlabelled frames, measured with their masks.")
