@@ -9,7 +9,7 @@ within-image Spearman and informative-pair accuracy of the judge on the calibrat
 (`rel_*`, what the ledger and the gate read) and on that round's unlabelled sample (`mining_*`,
 a simulation's diagnostic from the true masks of the unlabelled frames), and the range of the
 round's Wilson bound on calibration (`rel_informative_wilson`, as the site reported it: a trial a
-pair in runs made before the bound counted units, a trial an image or video since).
+pair, except in runs made at commit e8c2df2, where it was a trial an image or video).
 """
 
 from __future__ import annotations

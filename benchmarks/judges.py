@@ -20,8 +20,9 @@ Both learned judges train on the same out-of-fold proposals (k segmenters traine
 steps on k-1 folds of each site's labelled split) and the same number of steps per site, so the
 only difference between them is whose labels taught them. The within-image Spearman, the
 informative pairs (true-Dice gap >= the consortium's informative_gap, both masks plausible), their
-accuracy, the images or groups that hold them (the units), the Wilson bound with a trial a unit
-(the ledger's, `bound_counts: units`) and with a trial a pair (the rule before), and the Dice of each judge's pick against identity and best-of-K.
+accuracy, the images or groups that hold them (the units), the Wilson bound with a trial a pair
+(the ledger's default, `bound_counts: pairs`) and with a trial a unit (`bound_counts: units`), and
+the Dice of each judge's pick against identity and best-of-K.
 `--pool N` measures every judge again on N frames of each site's unlabelled split, where a
 simulated site has the masks (the judge is used there, never measured there): whether the
 calibration bound holds on the frames the judge steers the model with.

@@ -103,8 +103,7 @@ def group_units(split: SplitData) -> torch.Tensor | None:
     """(N,) each image's `data.groups` group as an index, or None when the split has no groups."""
     if split.groups is None:
         return None
-    index = {group: i for i, group in enumerate(dict.fromkeys(split.groups))}
-    return torch.tensor([index[group] for group in split.groups], dtype=torch.long)
+    return torch.as_tensor(np.unique(split.groups, return_inverse=True)[1], dtype=torch.long)
 
 
 def preference_round(
