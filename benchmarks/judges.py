@@ -39,8 +39,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -53,7 +51,7 @@ from shared.judge_training import (  # noqa: E402
 from shared.judges import AgreementJudge, UncertaintyJudge  # noqa: E402
 from shared.site import model_from_config  # noqa: E402
 from shared.reliability import wilson_lower_bound  # noqa: E402
-from shared.training import calibration_reliability, subset  # noqa: E402
+from shared.training import calibration_reliability, sample_unlabeled  # noqa: E402
 
 KINDS = ("federated", "learned", "agreement", "uncertainty")
 COLUMNS = ("spearman", "informative_pairs", "informative_units", "informative_pair_accuracy", "pair_accuracy",
@@ -93,7 +91,11 @@ def main(argv=None) -> int:
         parser.error(f"--pool must be >= 0, got {args.pool}")
     data = {site.name: load_site_data(site, splits=("labeled", "calibration") + (("unlabeled",) if args.pool else ()))
             for site in sites}
-    pools = {name: pool_sample(d["unlabeled"], args.pool, cfg.seed, name) for name, d in data.items()} if args.pool else {}
+    unmasked = [name for name, d in data.items() if args.pool and d["unlabeled"].masks is None]
+    if unmasked:
+        parser.error(f"--pool: the unlabelled split of {', '.join(unmasked)} has no masks to measure with")
+    # drawn as a preference round draws its frames (shared.training.sample_unlabeled), seeded by the consortium
+    pools = {name: sample_unlabeled(d["unlabeled"], args.pool, cfg.seed) for name, d in data.items()} if args.pool else {}
     started = time.perf_counter()
     fold_training = dataclasses.replace(cfg.supervised, steps=quality.fold_steps)
     oof = {name: site_out_of_fold(args.cache, name, d["labeled"], cfg, fold_training, quality) for name, d in data.items()}
@@ -140,9 +142,9 @@ def main(argv=None) -> int:
     for kind in kinds:
         for name, d in data.items():
             figures = measure(model, d["calibration"], judges[name][kind], cfg)
-            accuracy = figures["informative_pair_accuracy"]
-            bounds = [wilson_lower_bound(accuracy * figures[key], figures[key])
-                      for key in ("informative_units", "informative_pairs")]
+            units = figures["informative_units"]
+            bounds = [wilson_lower_bound(figures["informative_pair_accuracy"] * units, units),
+                      figures["informative_wilson"]]
             cells = [kind, name] + [_cell(figures.get(key)) for key in COLUMNS] + [_cell(b) for b in bounds]
             if pools:
                 pool_figures = measure(model, pools[name], judges[name][kind], cfg)
@@ -157,14 +159,6 @@ def measure(model, split, judge, cfg) -> dict:
     figures, _ = calibration_reliability(model, split, judge, cfg.preference.mining, cfg.preference.proposals, "cpu",
                                          seed=cfg.seed, informative_gap=cfg.aggregation.informative_gap)
     return figures
-
-
-def pool_sample(unlabeled, n: int, seed: int, site: str):
-    """``n`` frames of the unlabelled split drawn with ``seed`` (all of them when it holds fewer)."""
-    if unlabeled.masks is None:
-        raise SystemExit(f"judges: --pool: the unlabelled split of {site} has no masks to measure with")
-    order = torch.randperm(len(unlabeled.names), generator=torch.Generator().manual_seed(seed))
-    return subset(unlabeled, order[:n])
 
 
 def site_out_of_fold(cache: Path | None, site: str, labeled, cfg, fold_training, quality):
